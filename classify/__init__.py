@@ -1,0 +1,1 @@
+"""Train, evaluate, save and use classifier heads on a featurize cache."""

@@ -1,0 +1,1 @@
+"""Run a frozen pretrained backbone once per image and cache the embeddings to HDF5."""

@@ -1,0 +1,96 @@
+"""`python -m featurize FOLDER`, `--list-backbones` and `verify CACHE` (argparse)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import cache
+from .backbones import BACKBONES, DEFAULT_BACKBONE
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m featurize",
+        description="Embed every image of a folder once with a frozen backbone and cache the "
+                    "embeddings to HDF5. Re-running embeds only new or changed files.")
+    p.add_argument("source", nargs="?", help="folder of class folders, flat folder, or list file")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="default: %(default)s")
+    p.add_argument("--weights", default="default",
+                   help="'default' (published weights, downloaded once), 'none' (random, seeded) "
+                        "or a weight file path")
+    p.add_argument("--layer", help="embed this layer's output instead of the last conv block")
+    p.add_argument("--pool", choices=["avg", "max"], help="global pooling of a conv layer "
+                   "(default: the backbone's, avg)")
+    p.add_argument("--input-size", type=int, help="square input side (default: the backbone's)")
+    p.add_argument("--crop", type=float, help="centre-crop this fraction before resizing")
+    p.add_argument("--flip", action="store_true", help="average with the mirrored image")
+    p.add_argument("--precision", choices=["float32", "mixed"], default="float32")
+    p.add_argument("--jitter", type=int, default=0, help="dlib-resnet: jittered descriptors")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="decoding workers (default: CPU count)")
+    p.add_argument("--out", help="cache file (default: derived from dataset and settings)")
+    p.add_argument("--cache-dir", default=str(cache.DEFAULT_DIR), help="default: %(default)s")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--list-backbones", action="store_true", help="list backbones and exit")
+    return p
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m featurize verify",
+                                description="Check a cache: shapes, finite rows, files present, "
+                                            "and optionally re-embed a sample and compare.")
+    p.add_argument("cache")
+    p.add_argument("--sample", type=int, default=0, help="re-embed K random images and compare")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed")
+    return p
+
+
+def list_backbones() -> str:
+    rows = [f"{'name':<20} {'input':>5} {'dim':>5}  weights"]
+    for spec in BACKBONES.values():
+        rows.append(f"{spec.name:<20} {spec.input_size:>5} {spec.embedding_dim:>5}  "
+                    f"{spec.weights_source}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["verify"]:
+            from .verify import verify_cache
+            args = _verify_parser().parse_args(argv[1:])
+            report = verify_cache(args.cache, sample=args.sample, tolerance=args.tolerance)
+            print(report.text())
+            return 0 if report.ok else 1
+        args = _parser().parse_args(argv)
+        if args.list_backbones:
+            print(list_backbones())
+            return 0
+        if not args.source:
+            _parser().error("give a folder of images (or --list-backbones)")
+        return _featurize(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _featurize(args) -> int:
+    from .run import featurize
+    s = featurize(args.source, backbone=args.backbone, weights=args.weights, layer=args.layer,
+                  pool=args.pool, input_size=args.input_size, crop=args.crop, flip=args.flip,
+                  precision=args.precision, jitter=args.jitter, batch_size=args.batch_size,
+                  workers=args.workers, out=args.out, cache_dir=args.cache_dir,
+                  progress=not args.quiet)
+    for key, reason in list(s.failed.items())[:10]:
+        print(f"warning: {key}: {reason}", file=sys.stderr)
+    if len(s.failed) > 10:
+        print(f"warning: ... and {len(s.failed) - 10} more failed images", file=sys.stderr)
+    state = "interrupted, progress saved; run again to resume" if s.interrupted else "done"
+    print(f"{state}: {s.total} images, {s.embedded} embedded, {s.reused} already cached, "
+          f"{s.failed_total} failed ({s.seconds:.1f} s)\ncache: {s.path}")
+    if s.interrupted:
+        return 130
+    return 1 if args.strict and s.failed_total else 0

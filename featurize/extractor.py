@@ -1,0 +1,209 @@
+"""Embedding settings (the cache key) and the extractor they describe.
+
+An extractor has two halves: `prepare(path)` turns one image file into a fixed-shape uint8
+array (run in worker threads), and `embed(batch)` turns a batch of those into embeddings
+(run on the accelerator). Keras is imported only when an extractor is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from .backbones import Backbone, get_backbone
+from .errors import UserError
+from .weights import RANDOM_SEED, Weights, load_into, resolve
+
+RESIZE = "pil-bilinear"  # part of the key: a different resize gives different embeddings
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """Everything that changes an embedding, and nothing else."""
+
+    backbone: str
+    weights: str  # identity: a SHA-256, "imagenet" or "random-seed0"
+    weights_file: str  # file name only, for people reading the provenance
+    layer: str  # "" for the backbone's default
+    pooling: str  # "avg", "max" or "none"
+    input_size: int
+    crop: float  # 0.0 for none
+    flip: bool
+    preprocessing: str
+    precision: str
+    jitter: int  # dlib only
+    resize: str = RESIZE
+
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EmbeddingSettings:
+        return cls(**json.loads(text))
+
+    @property
+    def spec(self) -> Backbone:
+        return get_backbone(self.backbone)
+
+
+def make_settings(backbone="vggface-resnet50", weights="default", layer=None, pool=None,
+                  input_size=None, crop=None, flip=False, precision="float32", jitter=0,
+                  download=True) -> tuple[EmbeddingSettings, Weights]:
+    """Validate the options and resolve the weights; no Keras import."""
+    spec = get_backbone(backbone)
+    if crop is not None and not 0 < crop <= 1:
+        raise UserError(f"--crop must be a fraction in (0, 1], not {crop}.")
+    if pool not in (None, "avg", "max"):
+        raise UserError(f"--pool must be avg or max, not {pool!r}.")
+    if precision not in ("float32", "mixed"):
+        raise UserError(f"--precision must be float32 or mixed, not {precision!r}.")
+    if spec.family == "dlib":
+        if layer or pool or input_size or flip or crop:
+            raise UserError("dlib-resnet takes no --layer/--pool/--input-size/--flip/--crop: it "
+                            "aligns a 150x150 face chip itself (use --jitter N to average).")
+    elif jitter:
+        raise UserError("--jitter is for the dlib-resnet backbone only.")
+    include_top = bool(layer) and _is_top_layer(spec, layer)
+    if include_top and input_size not in (None, spec.input_size):
+        raise UserError(f"--layer {layer} is in the classifier top of {spec.name}, which "
+                        f"needs --input-size {spec.input_size}.")
+    w = resolve(spec, weights, include_top=include_top, download=download)
+    settings = EmbeddingSettings(
+        backbone=spec.name, weights=w.identity,
+        weights_file=(w.path.rsplit("/", 1)[-1] if w.path else w.kind), layer=layer or "",
+        pooling="none" if spec.family == "dlib" else (pool or spec.default_pool),
+        input_size=input_size or spec.input_size, crop=float(crop or 0.0), flip=bool(flip),
+        preprocessing=spec.preprocessing, precision=precision, jitter=int(jitter))
+    return settings, w
+
+
+def _is_top_layer(spec: Backbone, layer: str) -> bool:
+    top = {"vggface-vgg16": ("flatten", "fc6", "fc7", "fc8"),
+           "vggface-resnet50": ("flatten_1", "classifier"),
+           "vggface-senet50": ("flatten_1", "classifier")}.get(spec.name, ())
+    return layer.split("/")[0] in top
+
+
+def build_extractor(settings: EmbeddingSettings, weights: Weights):
+    if settings.spec.family == "dlib":
+        from .dlib_backbone import DlibExtractor
+        return DlibExtractor(settings, weights)
+    return KerasExtractor(settings, weights)
+
+
+class KerasExtractor:
+    """uint8 RGB batch -> preprocessing -> frozen base up to the layer -> pooling (-> flip)."""
+
+    def __init__(self, settings: EmbeddingSettings, weights: Weights):
+        self.settings = settings
+        self.input_size = settings.input_size
+        self.model = build_embedding_model(settings, weights)
+        self.dim = int(self.model.output.shape[-1])
+
+    def prepare(self, path: str):
+        from .images import load_for_model
+        return load_for_model(path, self.input_size, self.settings.crop or None)
+
+    def embed(self, batch):
+        import numpy as np
+        return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+
+
+def build_base(settings: EmbeddingSettings, weights: Weights):
+    """The backbone with its weights, cut at the embedding layer (no preprocessing/pooling)."""
+    import keras
+
+    spec = settings.spec
+    if settings.precision == "mixed":
+        # bfloat16 keeps float32's range (no loss scaling); H100s and recent CPUs run it fast.
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    if weights.kind == "random":
+        keras.utils.set_random_seed(RANDOM_SEED)
+    include_top = bool(settings.layer) and _is_top_layer(spec, settings.layer)
+    if weights.kind == "imagenet":
+        module, func = spec.builder.split(":")
+        import importlib
+        builder = getattr(importlib.import_module(module), func)
+        try:
+            base = builder(include_top=include_top, weights="imagenet",
+                           **({} if include_top else {"input_shape": (settings.input_size,) * 2 + (3,)}))
+        except Exception as e:
+            raise UserError(f"could not get the ImageNet weights of {spec.name} "
+                            f"({str(e).splitlines()[0][:120]}); connect to the internet once, "
+                            "or pass --weights PATH or --weights none.") from None
+    else:
+        base = spec.build(include_top=include_top, input_size=settings.input_size)
+        load_into(base, spec, weights)
+    layer_name = settings.layer or spec.feature_layer
+    if not layer_name:
+        return base
+    if spec.family == "vggface":
+        from .vggface import keras_layer_name
+        layer_name = keras_layer_name(layer_name)
+    names = [layer.name for layer in base.layers]
+    if layer_name not in names:
+        import difflib
+        close = difflib.get_close_matches(layer_name, names, n=5, cutoff=0.5) or names[-5:]
+        raise UserError(f"{spec.name} has no layer {settings.layer!r}; candidates: "
+                        f"{', '.join(close)}.")
+    return keras.Model(base.input, base.get_layer(layer_name).output, name=f"{spec.name}_base")
+
+
+def build_embedding_model(settings: EmbeddingSettings, weights: Weights):
+    """One Keras model: raw uint8 images in, float32 embeddings out."""
+    import keras
+    from keras import layers, ops
+
+    from .preprocessing import ImagePreprocessing
+
+    base = build_base(settings, weights)
+    base.trainable = False
+    size = settings.input_size
+    images = keras.Input((size, size, 3), dtype="uint8", name="image")
+    x = ImagePreprocessing(settings.preprocessing, name="preprocessing")(images)
+
+    def pooled(t):
+        features = base(t, training=False)
+        if len(features.shape) == 4:
+            pool = layers.GlobalAveragePooling2D if settings.pooling == "avg" else layers.GlobalMaxPooling2D
+            return pool(dtype="float32")(features)
+        return layers.Flatten(dtype="float32")(features)
+
+    y = pooled(x)
+    if settings.flip:
+        y = layers.Average(name="flip_average", dtype="float32")([y, pooled(ops.flip(x, axis=2))])
+    return keras.Model(images, y, name=f"{settings.backbone}_embedding")
+
+
+def weights_for(settings: EmbeddingSettings, weights_path: str = "") -> Weights:
+    """Find the weights a cache was made with (same identity), or say where to put them."""
+    spec = settings.spec
+    if settings.weights.startswith("random"):
+        return Weights("random")
+    if settings.weights == "imagenet":
+        return Weights("imagenet")
+    from .weights import file_sha256
+    if weights_path and os.path.isfile(weights_path) and file_sha256(weights_path) == settings.weights:
+        return Weights("file", weights_path, settings.weights)
+    if spec.family != "keras":
+        include_top = bool(settings.layer) and _is_top_layer(spec, settings.layer)
+        try:
+            w = resolve(spec, "default", include_top=include_top, download=False)
+        except UserError:
+            w = None
+        if w is not None and w.sha256 == settings.weights:
+            return w
+    raise UserError(f"the weights this cache was made with ({settings.weights_file}, sha256 "
+                    f"{settings.weights[:12]}...) are not present at {weights_path or 'the default place'}; "
+                    "put that file back there.")
+
+
+def extractor_for_cache(c):
+    """The extractor that made cache `c` (a `featurize.cache.Cache`), for new images."""
+    return build_extractor(c.settings, weights_for(c.settings, c.attrs.get("weights_path", "")))

@@ -1,0 +1,193 @@
+"""Finding the images of a dataset and decoding one image into an RGB uint8 array."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+MAX_PIXELS = 80_000_000  # bigger images are refused, not decoded (decompression bombs)
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not grey pixels
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message is the short reason stored in the cache."""
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # path relative to the dataset root, as stored in the cache
+    path: str  # real path on disk
+    label: str | None  # class name, None for unlabelled
+    size: int
+    mtime_ns: int
+
+    @property
+    def fingerprint(self) -> tuple[int, int]:
+        return (self.size, self.mtime_ns)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    name: str
+    items: list[Item]  # sorted by key: the order never depends on timing
+    classes: list[str]  # sorted class names; empty when unlabelled
+
+
+def cache_key(relpath: str) -> str:
+    """A printable, UTF-8-safe key for a relative path (undecodable bytes become escapes)."""
+    return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _item(root: str, path: str, label: str | None) -> Item:
+    try:
+        st = os.stat(path)  # follows symlinks; a broken one gets fingerprint (0, 0)
+        size, mtime = st.st_size, st.st_mtime_ns
+    except OSError:
+        size, mtime = 0, 0
+    return Item(cache_key(os.path.relpath(path, root)), path, label, size, mtime)
+
+
+def _walk_images(folder: str):
+    for dirpath, dirnames, filenames in os.walk(folder):  # never follows directory symlinks
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if _is_image_name(name):
+                yield os.path.join(dirpath, name)
+
+
+def list_dataset(source) -> Dataset:
+    """A folder of class folders (labelled), a flat folder (unlabelled), or a list file.
+
+    A list file holds one `path` or `path<TAB>label` per line, relative to its own folder.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"{source} does not exist; give a folder of images (one sub-folder per "
+                        "class) or a text file listing image paths.")
+    if source.is_file():
+        return _list_file(source)
+    root = str(source)
+    items = []
+    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    # A symlinked class folder is fine: below it, os.walk follows no links, so no loops.
+    class_dirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    for name in entries:
+        full = os.path.join(root, name)
+        if name not in class_dirs and _is_image_name(name):
+            items.append(_item(root, full, None))
+    labelled = []
+    for cls in class_dirs:
+        labelled += [_item(root, p, cache_key(cls)) for p in _walk_images(os.path.join(root, cls))]
+    items += labelled
+    if not items:
+        raise UserError(f"no images found in {source} (looked for "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point featurize at the folder "
+                        "that holds the images or their class folders.")
+    items.sort(key=lambda it: it.key)
+    classes = sorted({it.label for it in items if it.label is not None})
+    return Dataset(source.resolve(), source.resolve().name, items, classes)
+
+
+def _list_file(source: Path) -> Dataset:
+    root = source.resolve().parent
+    items = {}
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read list file {source} ({e}); give a UTF-8 text file of "
+                        "image paths, one per line.") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        path, _, label = line.rstrip("\n").partition("\t")
+        full = os.path.normpath(os.path.join(root, path.strip()))
+        item = _item(str(root), full, label.strip() or None)
+        items[item.key] = item
+    if not items:
+        raise UserError(f"list file {source} names no images; write one path per line.")
+    ordered = sorted(items.values(), key=lambda it: it.key)
+    classes = sorted({it.label for it in ordered if it.label is not None})
+    return Dataset(root, source.stem, ordered, classes)
+
+
+def open_rgb(path: str, draft_size: int | None = None) -> Image.Image:
+    """Decode one image to RGB, EXIF orientation applied; ImageError with a short reason."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError("missing or broken symlink") from None
+    except OSError as e:
+        raise ImageError(f"cannot stat: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file")
+    if st.st_size == 0:
+        raise ImageError("empty file")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"too large ({w}x{h} pixels, limit {MAX_PIXELS})")
+            if draft_size and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))  # decode at reduced scale: faster
+            im.load()
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # a broken EXIF block must not lose the pixels
+                pass
+            return _to_rgb(im)
+    except ImageError:
+        raise
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except Image.DecompressionBombError:
+        raise ImageError("too large (decompression bomb)") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"corrupt: {str(e)[:80]}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def fit(im: Image.Image, size: int, crop: float | None = None) -> np.ndarray:
+    """Centre-crop a fraction `crop`, then resize to size x size (untouched if already so)."""
+    if crop:
+        w, h = im.size
+        cw, ch = max(1, round(w * crop)), max(1, round(h * crop))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        im = im.crop((left, top, left + cw, top + ch))
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_for_model(path: str, size: int, crop: float | None = None) -> np.ndarray:
+    """The (size, size, 3) uint8 array a Keras backbone is fed for one image file."""
+    draft = math.ceil(size / crop) if crop else size
+    return fit(open_rgb(path, draft_size=draft), size, crop)
