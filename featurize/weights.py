@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .backbones import VGGFACE_CACHE_SUBDIR, Backbone, WeightFile
 from .errors import UserError
 
 RANDOM_SEED = 0  # `--weights none` is reproducible: the same random network every time
+DOWNLOAD_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ def download_weights(wf: WeightFile) -> Path:
     from keras.utils import get_file
 
     target = keras_home() / VGGFACE_CACHE_SUBDIR / wf.filename
+    # get_file quietly falls back to /tmp/.keras when the folder does not exist yet.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # get_file has no timeout: a stalled link hangs
     try:
         return Path(get_file(wf.filename, wf.url, file_hash=wf.sha256, hash_algorithm="sha256",
                              cache_dir=str(keras_home()), cache_subdir=VGGFACE_CACHE_SUBDIR))
