@@ -83,6 +83,8 @@ def download_weights(wf: WeightFile) -> Path:
     except Exception as e:  # get_file raises plain Exception for network errors
         raise UserError(f"could not download {wf.url} ({str(e).splitlines()[0][:120]}); "
                         f"download it yourself to {target}, or pass --weights PATH.") from None
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def file_sha256(path: Path) -> str:
