@@ -204,6 +204,7 @@ def weights_for(settings: EmbeddingSettings, weights_path: str = "") -> Weights:
                     "put that file back there.")
 
 
-def extractor_for_cache(c):
-    """The extractor that made cache `c` (a `featurize.cache.Cache`), for new images."""
-    return build_extractor(c.settings, weights_for(c.settings, c.attrs.get("weights_path", "")))
+def extractor_for(attrs: dict):
+    """The extractor that made a cache, from its attributes (for new images)."""
+    settings = EmbeddingSettings.from_json(attrs["settings"])
+    return build_extractor(settings, weights_for(settings, attrs.get("weights_path", "")))

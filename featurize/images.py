@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +122,21 @@ def _list_file(source: Path) -> Dataset:
     ordered = sorted(items.values(), key=lambda it: it.key)
     classes = sorted({it.label for it in ordered if it.label is not None})
     return Dataset(root, source.stem, ordered, classes)
+
+
+def collect(inputs) -> list[Item]:
+    """Items for image files and folders given on a command line (keys: the paths given)."""
+    paths = []
+    for given in map(str, inputs):
+        if os.path.isdir(given):
+            paths += list(_walk_images(given))
+        elif os.path.lexists(given):
+            paths.append(given)
+        else:
+            raise UserError(f"{given} does not exist; give image files or folders.")
+    if not paths:
+        raise UserError(f"no images found in {', '.join(map(str, inputs))}.")
+    return [replace(_item(".", p, None), key=p) for p in paths]
 
 
 def open_rgb(path: str, draft_size: int | None = None) -> Image.Image:

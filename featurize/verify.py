@@ -42,8 +42,8 @@ def verify_cache(path, sample: int = 0, tolerance: float = 1e-3, seed: int = 0) 
     if len(set(c.paths)) != len(c.paths):
         report.problems.append("duplicate paths")
     if sample and c.paths:
-        from .extractor import extractor_for_cache
-        ext = extractor_for_cache(c)
+        from .extractor import extractor_for
+        ext = extractor_for(c.attrs)
         present = [i for i, p in enumerate(c.paths) if p not in set(report.missing)]
         rng = np.random.default_rng(seed)
         pick = sorted(rng.choice(present, size=min(sample, len(present)), replace=False))

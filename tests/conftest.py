@@ -42,3 +42,37 @@ def _isolated_keras_home(tmp_path, monkeypatch):
 
 def lfw_available() -> bool:
     return LFW_IMAGES.is_dir()
+
+
+def synthetic_cache(path: Path, X, y, classes, paths=None, backbone="vggface-vgg16"):
+    """A cache file with given embeddings, written through featurize's own cache module."""
+    from featurize import cache
+    from featurize.extractor import EmbeddingSettings
+    from featurize.images import Dataset, Item
+
+    settings = EmbeddingSettings(backbone=backbone, weights="random-seed0", weights_file="random",
+                                 layer="", pooling="avg", input_size=32, crop=0.0, flip=False,
+                                 preprocessing="vggface1", precision="float32", jitter=0)
+    if paths is None:
+        paths = [f"{classes[label]}/{classes[label]}_{i:04d}.jpg" if label >= 0 else f"x_{i:04d}.jpg"
+                 for i, label in enumerate(y)]
+    items = [Item(p, p, classes[label] if label >= 0 else None, 1, 1) for p, label in zip(paths, y)]
+    order = sorted(range(len(items)), key=lambda i: items[i].key)
+    journal = cache.Journal(path, settings)
+    journal.add([items[i] for i in order], np.asarray(X, np.float32)[order])
+    journal.flush()
+    dataset = Dataset(path.parent, "synthetic", sorted(items, key=lambda it: it.key),
+                      sorted({c for c, label in zip(classes, range(len(classes)))
+                              if label in set(int(v) for v in y)}))
+    cache.commit(path, settings, dataset, {"keras_version": "test", "backend": "none"})
+    return path
+
+
+def blobs(n_classes=5, per_class=30, dim=32, spread=0.3, seed=0):
+    """Well separated Gaussian classes."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (n_classes, dim))
+    X = np.concatenate([centres[c] + spread * rng.normal(0, 1, (per_class, dim))
+                        for c in range(n_classes)])
+    y = np.repeat(np.arange(n_classes), per_class)
+    return X, y, [f"person{c}" for c in range(n_classes)]

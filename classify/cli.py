@@ -1,0 +1,151 @@
+"""`python -m classify` (train), `runs`, `predict`, `verify` and `finetune` (argparse)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from featurize.errors import UserError
+
+from . import heads, runs
+
+COMMANDS = ("runs", "predict", "verify", "finetune")
+
+
+def _train_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m classify",
+        description="Train a head on a featurize cache, evaluate it on a fixed seeded split, "
+                    "and save the run. Other commands: " + ", ".join(COMMANDS) + ".")
+    p.add_argument("--cache", help="cache file (default: the newest under data/cache/)")
+    p.add_argument("--head", default=heads.DEFAULT_HEAD, help="default: %(default)s")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="head hyper-parameter, repeatable (e.g. --param C=10)")
+    p.add_argument("--list-heads", action="store_true")
+    p.add_argument("--min-per-class", type=int, default=1)
+    p.add_argument("--max-per-class", type=int)
+    p.add_argument("--test-size", type=float, default=0.25)
+    p.add_argument("--cv", type=int, help="stratified K-fold instead of a held-out split")
+    p.add_argument("--seed", type=int, default=0)
+    norm = p.add_mutually_exclusive_group()
+    norm.add_argument("--normalize", dest="normalize", action="store_true", default=None,
+                      help="L2-normalise embeddings (default: on for face backbones)")
+    norm.add_argument("--no-normalize", dest="normalize", action="store_false")
+    p.add_argument("--standardize", action="store_true")
+    p.add_argument("--pca", type=int, help="reduce to this many dimensions")
+    p.add_argument("--out", help="run folder (default: runs/<timestamp>-<head>)")
+    p.add_argument("--runs-dir", default=str(runs.DEFAULT_DIR))
+    return p
+
+
+def _predict_parser():
+    p = argparse.ArgumentParser(prog="python -m classify predict",
+                                description="Predict classes of new images with a saved run.")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--run", required=True, help="run folder made by python -m classify")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    return p
+
+
+def _verify_parser():
+    p = argparse.ArgumentParser(prog="python -m classify verify",
+                                description="LFW pair verification on a cache (10-fold protocol).")
+    p.add_argument("--pairs", required=True, help="pairs.txt (View 2) or pairsDevTest.txt (View 1)")
+    p.add_argument("--train-pairs", help="choose the threshold on this file (pairsDevTrain.txt)")
+    p.add_argument("--cache", help="cache file (default: the newest under data/cache/)")
+    p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"])
+    p.add_argument("--skip-missing", action="store_true")
+    p.add_argument("--roc", default="roc.png", help="ROC curve picture (default: %(default)s)")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def _runs_parser():
+    p = argparse.ArgumentParser(prog="python -m classify runs", description="List runs.")
+    p.add_argument("--runs-dir", default=str(runs.DEFAULT_DIR))
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else "train"
+    rest = argv[1:] if command != "train" else argv
+    try:
+        return {"train": _train, "runs": _runs, "predict": _predict, "verify": _verify,
+                "finetune": _finetune}[command](rest)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(argv) -> int:
+    from .report import format_metrics
+    from .train import train
+    args = _train_parser().parse_args(argv)
+    if args.list_heads:
+        print(heads.describe_heads())
+        return 0
+    r = train(args.cache, args.head, args.param, args.min_per_class, args.max_per_class,
+              args.test_size, args.cv, args.seed, args.normalize, args.standardize, args.pca,
+              args.out, args.runs_dir)
+    print(f"cache: {r.cache}")
+    for note in r.notes:
+        print(f"note: {note}")
+    split = f"{args.cv}-fold CV" if args.cv else f"held-out {args.test_size:.0%}"
+    print(f"{args.head}: {len(r.classes)} classes, {r.n_images} images, {split}, seed {args.seed}")
+    if len(r.classes) <= 30:
+        print(r.report_text)
+    print(format_metrics(r.metrics))
+    print(f"train {r.train_seconds:.2f} s, predict {r.predict_seconds:.3f} s")
+    print(f"run: {r.run_dir}")
+    return 0
+
+
+def _runs(argv) -> int:
+    args = _runs_parser().parse_args(argv)
+    print(runs.table(args.runs_dir))
+    return 0
+
+
+def _predict(argv) -> int:
+    from .predict import predict
+    args = _predict_parser().parse_args(argv)
+    results = predict(args.images, args.run, args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']}: error: {r['error']}")
+            continue
+        top = ", ".join(f"{t['class']} {next(v for k, v in t.items() if k != 'class'):.3f}"
+                        for t in r["top"])
+        print(f"{r['path']}: {r['prediction']}  ({top})")
+    return 0
+
+
+def _verify(argv) -> int:
+    from .data import find_cache
+    from .verify import verify
+    args = _verify_parser().parse_args(argv)
+    result = verify(find_cache(args.cache), args.pairs, args.train_pairs, args.metric,
+                    args.skip_missing, args.roc)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"cache: {result['cache']}\npairs: {result['pairs']} ({result['skipped']} skipped), "
+          f"metric {result['metric']}")
+    if result.get("threshold") is not None:
+        print(f"threshold {result['threshold']:.4f} chosen on {result['train_pairs']}: "
+              f"accuracy {result['accuracy_all']:.4f}")
+    print(f"accuracy {result['accuracy']:.4f} ± {result['accuracy_std']:.4f} over "
+          f"{len(result['fold_accuracies'])} folds, ROC AUC {result['roc_auc']:.4f}")
+    print(f"roc: {result['roc_png']}")
+    return 0
+
+
+def _finetune(argv) -> int:
+    from .finetune import main as finetune_main
+    return finetune_main(argv)

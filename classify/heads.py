@@ -1,0 +1,221 @@
+"""The registry of heads: scikit-learn estimators, plus a small Keras `dense` head.
+
+Every head follows scikit-learn's estimator API (fit / predict / score, get_params), so any
+of them drops into the same Pipeline, split, report and run folder.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.svm import LinearSVC
+from sklearn.utils.validation import check_is_fitted
+
+from featurize.errors import UserError
+
+
+def _unit(X):
+    X = np.asarray(X, dtype=np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+class CosineCentroid(ClassifierMixin, BaseEstimator):
+    """Nearest class mean by cosine similarity; `transform` gives cosine distances."""
+
+    def __init__(self, temperature: float = 0.05):
+        self.temperature = temperature
+
+    def fit(self, X, y):
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        self.centroids_ = _unit(np.stack([_unit(X)[y == c].mean(axis=0) for c in self.classes_]))
+        return self
+
+    def decision_function(self, X):
+        check_is_fitted(self, "centroids_")
+        return _unit(X) @ self.centroids_.T
+
+    def predict_proba(self, X):
+        z = self.decision_function(X) / self.temperature
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        return self.classes_[self.decision_function(X).argmax(axis=1)]
+
+    def class_distances(self, X):
+        return 1.0 - self.decision_function(X)
+
+
+class CosineKNN(KNeighborsClassifier):
+    """k nearest neighbours by cosine distance, with per-class nearest distances."""
+
+    def __init__(self, n_neighbors=5, weights="distance"):
+        super().__init__(n_neighbors=n_neighbors, weights=weights, metric="cosine",
+                         algorithm="brute")
+
+    def fit(self, X, y):
+        self.train_ = (_unit(X), np.asarray(y))
+        return super().fit(X, y)
+
+    def class_distances(self, X):
+        train, labels = self.train_
+        d = 1.0 - _unit(X) @ train.T
+        return np.stack([d[:, labels == c].min(axis=1) for c in self.classes_], axis=1)
+
+
+class DenseHead(ClassifierMixin, BaseEstimator):
+    """One hidden layer, dropout, Adam, early stopping on a validation slice (Keras)."""
+
+    def __init__(self, hidden=256, dropout=0.3, learning_rate=1e-3, epochs=200, batch_size=64,
+                 validation_fraction=0.1, patience=10, seed=0):
+        self.hidden, self.dropout, self.learning_rate = hidden, dropout, learning_rate
+        self.epochs, self.batch_size = epochs, batch_size
+        self.validation_fraction, self.patience, self.seed = validation_fraction, patience, seed
+
+    def build(self, dim: int, n_classes: int):
+        import keras
+        keras.utils.set_random_seed(self.seed)
+        inputs = keras.Input((dim,), name="embedding")
+        x = keras.layers.Dense(self.hidden, activation="relu", name="hidden")(inputs)
+        x = keras.layers.Dropout(self.dropout, name="dropout")(x)
+        out = keras.layers.Dense(n_classes, activation="softmax", name="classes")(x)
+        model = keras.Model(inputs, out, name="dense_head")
+        model.compile(keras.optimizers.Adam(self.learning_rate),
+                      "sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    def fit(self, X, y):
+        import keras
+        from sklearn.model_selection import train_test_split
+        X = np.asarray(X, np.float32)
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        Xt, Xv, yt, yv = train_test_split(X, yi, test_size=self.validation_fraction,
+                                          random_state=self.seed, stratify=_stratify(yi))
+        self.model_ = self.build(X.shape[1], len(self.classes_))
+        stop = keras.callbacks.EarlyStopping(patience=self.patience, restore_best_weights=True)
+        history = self.model_.fit(Xt, yt, validation_data=(Xv, yv), epochs=self.epochs,
+                                  batch_size=self.batch_size, callbacks=[stop], verbose=0)
+        self.epochs_run_ = len(history.history["loss"])
+        return self
+
+    def predict_proba(self, X):
+        check_is_fitted(self, "model_")
+        return np.asarray(self.model_.predict(np.asarray(X, np.float32), verbose=0,
+                                              batch_size=1024))
+
+    def predict(self, X):
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    # The Keras model travels inside the joblib file as the bytes of a .keras archive.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if "model_" in state:
+            state["model_"] = keras_bytes(state["model_"])
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state.get("model_"), bytes):
+            state["model_"] = keras_from_bytes(state["model_"])
+        self.__dict__.update(state)
+
+
+def _stratify(y):
+    counts = np.bincount(y)
+    return y if counts[counts > 0].min() >= 2 else None
+
+
+def keras_bytes(model) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.keras")
+        model.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def keras_from_bytes(data: bytes):
+    import keras
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.keras")
+        with open(path, "wb") as f:
+            f.write(data)
+        return keras.saving.load_model(path)
+
+
+@dataclass(frozen=True)
+class Head:
+    name: str
+    description: str
+    make: Callable[..., BaseEstimator]  # keyword parameters -> unfitted estimator
+    scores: str  # what `scores()` returns: "probability" or "distance"
+
+
+HEADS = {h.name: h for h in [
+    Head("logreg", "multinomial logistic regression (default)",
+         lambda **p: LogisticRegression(**{"C": 10.0, "max_iter": 2000, **p}), "probability"),
+    Head("svm", "linear SVM with probability calibration",
+         lambda **p: CalibratedClassifierCV(LinearSVC(**{"C": 1.0, **p}), cv=3), "probability"),
+    Head("knn", "k nearest neighbours, cosine", lambda **p: CosineKNN(**p), "distance"),
+    Head("centroid", "nearest class mean, cosine", lambda **p: CosineCentroid(**p), "distance"),
+    Head("ridge", "ridge regression classifier", lambda **p: RidgeClassifier(**p), "score"),
+    Head("dense", "small Keras MLP on the embeddings, early stopping",
+         lambda **p: DenseHead(**p), "probability"),
+]}
+DEFAULT_HEAD = "logreg"
+
+
+def get_head(name: str) -> Head:
+    if name not in HEADS:
+        raise UserError(f"unknown head {name!r}; choose one of {', '.join(HEADS)} "
+                        "(python -m classify --list-heads).")
+    return HEADS[name]
+
+
+def parse_params(head: Head, pairs: list[str]) -> dict:
+    """`key=value` strings -> keyword parameters, checked against the head's own."""
+    params = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"--param {pair!r} must look like key=value (e.g. C=10).")
+        try:
+            params[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            params[key] = value
+    valid = set(_tunable(head).get_params(deep=False))
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise UserError(f"head {head.name} has no parameter {', '.join(unknown)}; valid: "
+                        f"{', '.join(sorted(valid))}.")
+    try:
+        head.make(**params)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad --param for head {head.name}: {e}") from None
+    return params
+
+
+def _tunable(head: Head):
+    """The estimator whose parameters --param sets (the SVM inside its calibration)."""
+    est = head.make()
+    return est.estimator if isinstance(est, CalibratedClassifierCV) else est
+
+
+def scores(estimator, X) -> np.ndarray:
+    """Per-class scores, higher is better: probabilities, or decision values."""
+    if hasattr(estimator, "predict_proba"):
+        return estimator.predict_proba(X)
+    return estimator.decision_function(X)
+
+
+def describe_heads() -> str:
+    return "\n".join(f"{h.name:<10} {h.description}" for h in HEADS.values())
+

@@ -1,0 +1,183 @@
+"""Face verification on LFW pair files, with the standard threshold protocol.
+
+View 2 `pairs.txt`: first line `10 300`, then 10 folds of 300 matched lines `name i j` and
+300 mismatched lines `name1 i name2 j`. View 1 `pairsDevTrain.txt`/`pairsDevTest.txt`: first
+line the number N of matched pairs, then N matched and N mismatched lines.
+
+For each fold, the distance threshold that maximises accuracy on the other folds is applied
+to the held-out fold; the report gives the mean and standard deviation over folds. With a
+separate training file (View 1: threshold on pairsDevTrain, accuracy on pairsDevTest), the
+threshold comes from that file. A single View 1 file alone is cut into 10 folds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from featurize.errors import UserError
+
+N_FOLDS_VIEW1 = 10
+
+
+@dataclass
+class Pair:
+    a: str  # cache paths, e.g. "Name/Name_0001.jpg"
+    b: str
+    same: bool
+    fold: int
+
+
+def image_path(name: str, number: str, where: str) -> str:
+    try:
+        return f"{name}/{name}_{int(number):04d}.jpg"
+    except ValueError:
+        raise UserError(f"{where}: {number!r} is not an image number; pair lines are "
+                        "'name i j' or 'name1 i name2 j'.") from None
+
+
+def parse_pairs(path) -> list[Pair]:
+    path = Path(path)
+    try:
+        lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read pairs file {path} ({e}); give an LFW pairs file.") from None
+    if not lines:
+        raise UserError(f"pairs file {path} is empty; give an LFW pairs file.")
+    try:
+        header = [int(t) for t in lines[0]]
+    except ValueError:
+        header = []
+    if len(header) == 2:
+        folds, per = header
+    elif len(header) == 1:
+        folds, per = 1, header[0]
+    else:
+        raise UserError(f"{path}:1: expected '10 300' (View 2) or a pair count (View 1), got "
+                        f"{' '.join(lines[0])!r}.")
+    body = lines[1:]
+    if len(body) != folds * 2 * per:
+        raise UserError(f"{path}: the header promises {folds * 2 * per} pairs but the file has "
+                        f"{len(body)} lines; is the file complete?")
+    pairs = []
+    for n, tokens in enumerate(body):
+        fold, within = divmod(n, 2 * per)
+        where = f"{path}:{n + 2}"
+        if within < per:
+            if len(tokens) != 3:
+                raise UserError(f"{where}: a matched pair is 'name i j', got {' '.join(tokens)!r}.")
+            name, i, j = tokens
+            pairs.append(Pair(image_path(name, i, where), image_path(name, j, where), True, fold))
+        else:
+            if len(tokens) != 4:
+                raise UserError(f"{where}: a mismatched pair is 'name1 i name2 j', got "
+                                f"{' '.join(tokens)!r}.")
+            n1, i, n2, j = tokens
+            pairs.append(Pair(image_path(n1, i, where), image_path(n2, j, where), False, fold))
+    if folds == 1:  # a View 1 file: interleave matched and mismatched pairs into 10 folds
+        for k, p in enumerate(q for q in pairs if q.same):
+            p.fold = k % N_FOLDS_VIEW1
+        for k, p in enumerate(q for q in pairs if not q.same):
+            p.fold = k % N_FOLDS_VIEW1
+    return pairs
+
+
+def distances(c, pairs: list[Pair], metric: str = "cosine", skip_missing: bool = False):
+    """Distances of the pairs whose images are in cache `c` (and the pairs kept)."""
+    if metric not in ("cosine", "euclidean"):
+        raise UserError(f"--metric must be cosine or euclidean, not {metric!r}.")
+    index = {p: i for i, p in enumerate(c.paths)}
+    missing = sorted({p for pair in pairs for p in (pair.a, pair.b) if p not in index})
+    if missing and not skip_missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"{len(missing)} images of the pairs are not in {c.path}: {shown}; "
+                        "featurize the whole dataset, or pass --skip-missing.")
+    kept = [p for p in pairs if p.a in index and p.b in index]
+    if not kept:
+        raise UserError(f"no pair has both images in {c.path}; is it the cache of LFW?")
+    a = c.embeddings[[index[p.a] for p in kept]]
+    b = c.embeddings[[index[p.b] for p in kept]]
+    if metric == "cosine":
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        return 1.0 - (a * b).sum(axis=1), kept
+    return np.linalg.norm(a - b, axis=1), kept
+
+
+def best_threshold(d: np.ndarray, same: np.ndarray) -> float:
+    """The threshold t (same when distance <= t) with the best accuracy on (d, same)."""
+    order = np.argsort(d, kind="stable")
+    ds, s = d[order], same[order].astype(bool)
+    # correct(i): the i smallest distances called "same", the rest "different".
+    correct = np.concatenate([[0], np.cumsum(s)]) + ((~s).sum() - np.concatenate([[0], np.cumsum(~s)]))
+    valid = np.ones(len(ds) + 1, dtype=bool)
+    valid[1:-1] = ds[1:] > ds[:-1]  # only cut between distinct distances
+    i = int(np.flatnonzero(valid)[np.argmax(correct[valid])])
+    if i == 0:
+        return float(ds[0] - 1e-6)
+    if i == len(ds):
+        return float(ds[-1] + 1e-6)
+    return float((ds[i - 1] + ds[i]) / 2)
+
+
+def accuracy(d, same, threshold) -> float:
+    return float(((d <= threshold) == same.astype(bool)).mean())
+
+
+def evaluate(d, pairs: list[Pair], train=None) -> dict:
+    """Fold accuracies with thresholds from the other folds (or from `train` = (d, same))."""
+    same = np.array([p.same for p in pairs])
+    folds = np.array([p.fold for p in pairs])
+    accs, thresholds = [], []
+    for k in np.unique(folds):
+        held = folds == k
+        if train is not None:
+            t = best_threshold(*train)
+        else:
+            t = best_threshold(d[~held], same[~held])
+        thresholds.append(t)
+        accs.append(accuracy(d[held], same[held], t))
+    out = {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
+           "fold_accuracies": accs, "thresholds": thresholds,
+           "roc_auc": float(roc_auc_score(same, -d)), "pairs": int(len(d))}
+    if train is not None:
+        t = best_threshold(*train)
+        out.update(threshold=t, accuracy_all=accuracy(d, same, t))
+    return out
+
+
+def roc_png(d, same, path, label="") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import RocCurveDisplay
+    fig, ax = plt.subplots(figsize=(5, 5))
+    RocCurveDisplay.from_predictions(same, -d, ax=ax, name=label or "pairs")
+    ax.set_title("LFW verification ROC")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def verify(cache_path, pairs_file, train_pairs=None, metric="cosine", skip_missing=False,
+           roc_path=None) -> dict:
+    from featurize import cache as cache_io
+    c = cache_io.read(cache_path)
+    pairs = parse_pairs(pairs_file)
+    d, kept = distances(c, pairs, metric, skip_missing)
+    train = None
+    if train_pairs:
+        tp = parse_pairs(train_pairs)
+        td, tkept = distances(c, tp, metric, skip_missing)
+        train = (td, np.array([p.same for p in tkept]))
+    result = evaluate(d, kept, train)
+    result.update(metric=metric, skipped=len(pairs) - len(kept), cache=str(cache_path),
+                  pairs_file=str(pairs_file), train_pairs=str(train_pairs) if train_pairs else None)
+    if roc_path:
+        roc_png(d, np.array([p.same for p in kept]), roc_path,
+                c.attrs.get("backbone", ""))
+        result["roc_png"] = str(roc_path)
+    return result
