@@ -76,3 +76,27 @@ def blobs(n_classes=5, per_class=30, dim=32, spread=0.3, seed=0):
                         for c in range(n_classes)])
     y = np.repeat(np.arange(n_classes), per_class)
     return X, y, [f"person{c}" for c in range(n_classes)]
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serves tmp_path/served on 127.0.0.1; yields (folder, base_url, stop)."""
+    import http.server
+    import threading
+    from functools import partial
+
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stopped = []
+
+    def stop():
+        if not stopped:
+            server.shutdown()
+            server.server_close()
+            stopped.append(True)
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/", stop
+    stop()

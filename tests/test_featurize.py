@@ -195,34 +195,22 @@ def test_list_file_with_labels(image_folder, tmp_path):
     assert c.classes == ["A", "B"] and list(c.labels) == [0, 1, -1]
 
 
-def test_download_from_a_local_server_with_checksum(tmp_path):
+def test_download_from_a_local_server_with_checksum(http_server):
     import hashlib
-    import http.server
-    import threading
-    from functools import partial
 
     from featurize.backbones import WeightFile
     from featurize.weights import download_weights, keras_home
-    served = tmp_path / "served"
-    served.mkdir()
+    served, base, stop = http_server
     payload = os.urandom(4096)
     (served / "w.h5").write_bytes(payload)
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/w.h5"
-    try:
-        path = download_weights(WeightFile("w.h5", url, hashlib.sha256(payload).hexdigest()))
-        assert path == keras_home() / "models" / "vggface" / "w.h5"
-        assert path.read_bytes() == payload
-        with pytest.raises(UserError, match="download it yourself to .*w2.h5"):
-            download_weights(WeightFile("w2.h5", url, "0" * 64))  # checksum mismatch
-    finally:
-        server.shutdown()
-        server.server_close()
+    path = download_weights(WeightFile("w.h5", base + "w.h5", hashlib.sha256(payload).hexdigest()))
+    assert path == keras_home() / "models" / "vggface" / "w.h5"
+    assert path.read_bytes() == payload
+    with pytest.raises(UserError, match="download it yourself to .*w2.h5"):
+        download_weights(WeightFile("w2.h5", base + "w.h5", "0" * 64))  # checksum mismatch
+    stop()
     with pytest.raises(UserError, match=r"could not download .*download it yourself"):
-        download_weights(WeightFile("w3.h5", url))  # server gone: offline
+        download_weights(WeightFile("w3.h5", base + "w.h5"))  # server gone: offline
 
 
 @pytest.mark.parametrize("argv, message", [
