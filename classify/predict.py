@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from featurize.extractor import extractor_for
-from featurize.images import collect
+from featurize.extractor import EmbeddingSettings, extractor_for
+from featurize.images import collect, load_for_model
 from featurize.pipeline import batches
 
 from . import heads, runs
@@ -13,26 +15,43 @@ from . import heads, runs
 
 def predict(inputs, run_dir, top_k: int = 5, batch_size: int = 32, workers=None) -> list[dict]:
     """One result per image: top-k classes with probabilities (or distances), or an error."""
-    record, pipeline = runs.load(run_dir)
+    record, model = runs.load(run_dir)
     items = collect(inputs)
-    extractor = extractor_for(record["provenance"])  # exactly the cache's backbone settings
-    classes = [record["classes"][k] for k in pipeline.classes_]  # score columns, in order
     kind = record.get("score_kind", "probability")
-    head = pipeline.named_steps["head"]
+    if record["head"] == "finetune":  # the whole model: images in, probabilities out
+        extractor = _WholeModel(model, EmbeddingSettings.from_json(record["provenance"]["settings"]))
+        classes = record["classes"]
+        score = lambda emb: emb  # noqa: E731
+    else:  # exactly the cache's backbone settings, then the fitted pipeline
+        extractor = extractor_for(record["provenance"])
+        classes = [record["classes"][k] for k in model.classes_]  # the score columns
+        if kind == "distance":
+            head = model.named_steps["head"]
+            score = lambda emb: head.class_distances(model[:-1].transform(emb))  # noqa: E731
+        else:
+            score = functools.partial(heads.scores, model)
     results = []
     for batch in batches(items, extractor, batch_size, workers):
-        for item, reason in batch.failed:
-            results.append({"path": item.key, "error": reason})
+        results += [{"path": item.key, "error": reason} for item, reason in batch.failed]
         if not batch.items:
             continue
-        if kind == "distance":
-            scores = head.class_distances(pipeline[:-1].transform(batch.embeddings))
-            order = np.argsort(scores, axis=1)
-        else:
-            scores = heads.scores(pipeline, batch.embeddings)
-            order = np.argsort(-scores, axis=1)
+        scores = score(batch.embeddings)
+        order = np.argsort(scores if kind == "distance" else -scores, axis=1)
         for item, row, ranks in zip(batch.items, scores, order):
             top = [{"class": classes[j], kind: float(row[j])} for j in ranks[:top_k]]
             results.append({"path": item.key, "prediction": top[0]["class"], "top": top})
-    order = {it.key: n for n, it in enumerate(items)}
-    return sorted(results, key=lambda r: order[r["path"]])
+    position = {it.key: n for n, it in enumerate(items)}
+    return sorted(results, key=lambda r: position[r["path"]])
+
+
+class _WholeModel:
+    """A fine-tuned model behind the pipeline's prepare/embed interface."""
+
+    def __init__(self, model, settings):
+        self.model = model
+        self.prepare = functools.partial(load_for_model, size=settings.input_size,
+                                         crop=settings.crop or None)
+
+    def embed(self, batch):
+        return np.asarray(self.model.predict_on_batch(batch))
+

@@ -80,7 +80,8 @@ class RunWriter:
 
 
 def load(run_dir) -> tuple[dict, object]:
-    """The run's record and its fitted pipeline; a hand-edited or partial run is an error."""
+    """The run's record and its fitted pipeline (a Keras model for a fine-tuned run); a
+    hand-edited or partial run is an error."""
     run_dir = Path(run_dir)
     record_path = run_dir / "run.json"
     if not record_path.is_file():
@@ -93,6 +94,13 @@ def load(run_dir) -> tuple[dict, object]:
     except (ValueError, KeyError, AssertionError, TypeError):
         raise UserError(f"{record_path} is damaged or was edited by hand; train the head "
                         "again with python -m classify.") from None
+    if head == "finetune":  # a fine-tuned full model: images in, probabilities out
+        try:
+            import keras
+            return record, keras.saving.load_model(run_dir / "model.keras")
+        except Exception as e:  # Keras raises many kinds for a missing or foreign file
+            raise UserError(f"cannot load {run_dir / 'model.keras'} ({type(e).__name__}); run "
+                            "the fine-tune again.") from None
     try:
         pipeline = joblib.load(run_dir / "head.joblib")
     except Exception as e:  # joblib raises many kinds for a missing or foreign file

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import UserError
 
@@ -27,7 +28,7 @@ class WeightFile:
 @dataclass(frozen=True)
 class Backbone:
     name: str
-    family: str  # "vggface", "keras" or "dlib"
+    family: str  # "vggface", "keras", "dlib" or "file" (a user's own .keras model)
     builder: str  # "module:function"; for dlib, the extractor class
     input_size: int
     preprocessing: str  # an ImagePreprocessing scheme, or "dlib-5pt-chip"
@@ -39,15 +40,25 @@ class Backbone:
     blocks: tuple[str, ...] = ()  # layer-name prefixes of the blocks, bottom to top
 
     @property
+    def short_name(self) -> str:
+        """A name safe for files and Keras models (a .keras backbone's path -> its stem)."""
+        return Path(self.name).stem if self.family == "file" else self.name
+
+    @property
     def weights_source(self) -> str:
         if self.family == "vggface":
             return "keras-vggface v2.0 release (~/.keras/models/vggface)"
         if self.family == "keras":
             return "ImageNet, through keras.applications"
+        if self.family == "file":
+            return "the .keras file itself"
         return "dlib model from the face-recognition-models package"
 
     def build(self, include_top: bool = False, input_size: int | None = None):
         """The bare architecture (random weights); `featurize.weights` loads weights."""
+        if self.family == "file":
+            import keras
+            return keras.saving.load_model(self.builder, compile=False)
         module, func = self.builder.split(":")
         builder = getattr(importlib.import_module(module), func)
         size = input_size or self.input_size
@@ -144,7 +155,13 @@ DEFAULT_BACKBONE = "vggface-resnet50"
 
 
 def get_backbone(name: str) -> Backbone:
-    """The spec for `name`; case and underscores are ignored (`mobilenet_v2` works)."""
+    """The spec for `name`; case and underscores are ignored (`mobilenet_v2` works).
+
+    A path to a `.keras` model is a backbone too: it gets raw 0-255 pixels (put any scaling
+    inside the model) and its output, pooled if spatial, is the embedding.
+    """
+    if name.endswith(".keras"):
+        return keras_file_backbone(name)
     key = name.lower().replace("_", "")
     for spec in BACKBONES.values():
         if spec.name.replace("_", "") == key:
@@ -153,3 +170,24 @@ def get_backbone(name: str) -> Backbone:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UserError(f"unknown backbone {name!r}.{hint} Known: {', '.join(BACKBONES)} "
                     "(python -m featurize --list-backbones).")
+
+
+def keras_file_backbone(path: str) -> Backbone:
+    """A spec for a user's `.keras` model, read from the archive's config (no Keras import)."""
+    import json
+    import os
+    import zipfile
+    full = os.path.abspath(path)
+    try:
+        with zipfile.ZipFile(full) as archive:
+            config = json.loads(archive.read("config.json"))
+        layers = config["config"]["layers"]
+        shape = layers[0]["config"]["batch_shape"]
+        size = int(shape[1])
+        names = [layer["config"]["name"] for layer in layers]
+    except (OSError, KeyError, ValueError, IndexError, TypeError, zipfile.BadZipFile):
+        raise UserError(f"{path} is not a readable Keras 3 model (.keras with an input layer); "
+                        "save your base with model.save('base.keras').") from None
+    blocks = tuple(dict.fromkeys(n.split("_")[0] + "_" for n in names[1:] if "_" in n))
+    return Backbone(name=full, family="file", builder=full, input_size=size,
+                    preprocessing="none", embedding_dim=0, blocks=blocks)

@@ -45,7 +45,7 @@ _MERGE_BLOCK = 1024  # rows copied at a time: memory stays flat however big the 
 
 def default_path(dataset_name: str, settings, cache_dir=DEFAULT_DIR) -> Path:
     """`<dataset>__<backbone>[__<layer>]__<pooling>__<key>.h5`: the key covers every setting."""
-    parts = [dataset_name, settings.backbone]
+    parts = [dataset_name, settings.spec.short_name]
     if settings.layer:
         parts.append(settings.layer)
     parts += [settings.pooling, settings.key()]

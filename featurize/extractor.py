@@ -152,7 +152,7 @@ def build_base(settings: EmbeddingSettings, weights: Weights):
         close = difflib.get_close_matches(layer_name, names, n=5, cutoff=0.5) or names[-5:]
         raise UserError(f"{spec.name} has no layer {settings.layer!r}; candidates: "
                         f"{', '.join(close)}.")
-    return keras.Model(base.input, base.get_layer(layer_name).output, name=f"{spec.name}_base")
+    return keras.Model(base.input, base.get_layer(layer_name).output, name=f"{spec.short_name}_base")
 
 
 def build_embedding_model(settings: EmbeddingSettings, weights: Weights):
@@ -178,7 +178,7 @@ def build_embedding_model(settings: EmbeddingSettings, weights: Weights):
     y = pooled(x)
     if settings.flip:
         y = layers.Average(name="flip_average", dtype="float32")([y, pooled(ops.flip(x, axis=2))])
-    return keras.Model(images, y, name=f"{settings.backbone}_embedding")
+    return keras.Model(images, y, name=f"{settings.spec.short_name}_embedding")
 
 
 def weights_for(settings: EmbeddingSettings, weights_path: str = "") -> Weights:

@@ -44,6 +44,10 @@ def keras_home() -> Path:
 def resolve(spec: Backbone, weights: str = "default", include_top: bool = False,
             download: bool = True) -> Weights:
     """Find (downloading if needed) the weights for `spec`, without building anything."""
+    if spec.family == "file":
+        if weights != "default":
+            raise UserError(f"a .keras backbone carries its weights; drop --weights {weights}.")
+        return Weights("file", spec.builder, file_sha256(Path(spec.builder)))
     if weights == "none":
         return Weights("random")
     if weights != "default":
@@ -178,7 +182,7 @@ def load_keras2_h5(model, path, keras_name=lambda name: name) -> None:
 
 def load_into(model, spec: Backbone, weights: Weights) -> None:
     """Put `weights` into a freshly built `spec` model (random weights need nothing)."""
-    if weights.kind != "file":
+    if weights.kind != "file" or spec.family == "file":
         return
     if spec.family == "vggface" and not weights.path.endswith(".weights.h5"):
         from .vggface import keras_layer_name
