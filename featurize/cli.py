@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="decoding workers (default: CPU count)")
     p.add_argument("--out", help="cache file (default: derived from dataset and settings)")
     p.add_argument("--cache-dir", default=str(cache.DEFAULT_DIR), help="default: %(default)s")
+    p.add_argument("--checkpoint-rows", type=int, default=1024,
+                   help="journal progress every N images (or 30 s): the most a kill can lose")
     p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-backbones", action="store_true", help="list backbones and exit")
@@ -83,7 +85,7 @@ def _featurize(args) -> int:
                   pool=args.pool, input_size=args.input_size, crop=args.crop, flip=args.flip,
                   precision=args.precision, jitter=args.jitter, batch_size=args.batch_size,
                   workers=args.workers, out=args.out, cache_dir=args.cache_dir,
-                  progress=not args.quiet)
+                  progress=not args.quiet, flush_rows=args.checkpoint_rows)
     for key, reason in list(s.failed.items())[:10]:
         print(f"warning: {key}: {reason}", file=sys.stderr)
     if len(s.failed) > 10:

@@ -171,9 +171,23 @@ def open_rgb(path: str, draft_size: int | None = None) -> Image.Image:
     except Image.DecompressionBombError:
         raise ImageError("too large (decompression bomb)") from None
     except Image.UnidentifiedImageError:
+        if _has_image_signature(path):
+            raise ImageError("corrupt: unreadable header") from None
         raise ImageError("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt: {str(e)[:80]}") from None
+
+
+_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+def _has_image_signature(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head.startswith(_SIGNATURES)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
