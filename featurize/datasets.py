@@ -8,19 +8,16 @@ pairsDevTest.txt (View 1) and people.txt.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
 import tarfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .download import fetch, sha256_of
 from .errors import UserError
 
-TIMEOUT_S = 60
 LFW_SITE = "http://vis-www.cs.umass.edu/lfw/"
 
 
@@ -51,37 +48,13 @@ LFW_PROTOCOL = [
 ]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(remote: Remote, dest: Path, log=print) -> Path:
-    """Fetch `remote` to `dest` (through a .part file), checking its SHA-256."""
-    part = dest.with_name(dest.name + ".part")
     log(f"downloading {remote.url}")
-    try:
-        with urllib.request.urlopen(remote.url, timeout=TIMEOUT_S) as response, open(part, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
-    except (urllib.error.URLError, OSError) as e:
-        part.unlink(missing_ok=True)
-        reason = getattr(e, "reason", e)
-        raise UserError(f"could not download {remote.url} ({reason}); download it yourself and "
-                        f"put it at {dest}" + (" (or pass --from-archive PATH)"
-                                               if remote.filename.endswith(".tgz") else "")
-                        + ".") from None
-    digest = sha256_of(part)
-    if remote.sha256 and digest != remote.sha256:
-        part.unlink()
-        raise UserError(f"{remote.url} has SHA-256 {digest}, expected {remote.sha256}; the "
-                        "download is corrupt or the file changed: try again.")
+    path = fetch(remote.url, dest, remote.sha256, hint=" (or pass --from-archive PATH)"
+                 if remote.filename.endswith(".tgz") else "")
     if not remote.sha256:
-        log(f"{remote.filename}: SHA-256 {digest} (no published checksum to compare)")
-    os.replace(part, dest)
-    return dest
+        log(f"{remote.filename}: SHA-256 {sha256_of(path)} (no published checksum to compare)")
+    return path
 
 
 def extract_classes(archive: Path, dest: Path) -> int:

@@ -8,10 +8,8 @@ key, so it is computed here without importing Keras.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +17,10 @@ import h5py
 import numpy as np
 
 from .backbones import VGGFACE_CACHE_SUBDIR, Backbone, WeightFile
+from .download import fetch, sha256_of
 from .errors import UserError
 
 RANDOM_SEED = 0  # `--weights none` is reproducible: the same random network every time
-DOWNLOAD_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -73,22 +71,9 @@ def resolve(spec: Backbone, weights: str = "default", include_top: bool = False,
 
 
 def download_weights(wf: WeightFile) -> Path:
-    """Keras's own downloader, into ~/.keras/models/vggface like keras-vggface."""
-    from keras.utils import get_file
-
-    target = keras_home() / VGGFACE_CACHE_SUBDIR / wf.filename
-    # get_file quietly falls back to /tmp/.keras when the folder does not exist yet.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # get_file has no timeout: a stalled link hangs
-    try:
-        return Path(get_file(wf.filename, wf.url, file_hash=wf.sha256, hash_algorithm="sha256",
-                             cache_dir=str(keras_home()), cache_subdir=VGGFACE_CACHE_SUBDIR))
-    except Exception as e:  # get_file raises plain Exception for network errors
-        raise UserError(f"could not download {wf.url} ({str(e).splitlines()[0][:120]}); "
-                        f"download it yourself to {target}, or pass --weights PATH.") from None
-    finally:
-        socket.setdefaulttimeout(previous)
+    """Into ~/.keras/models/vggface, where keras-vggface keeps them."""
+    return fetch(wf.url, keras_home() / VGGFACE_CACHE_SUBDIR / wf.filename, wf.sha256,
+                 hint=", or pass --weights PATH")
 
 
 def file_sha256(path: Path) -> str:
@@ -103,11 +88,7 @@ def file_sha256(path: Path) -> str:
             return saved["sha256"]
     except (OSError, ValueError, KeyError):
         pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    sha = digest.hexdigest()
+    sha = sha256_of(path)
     try:
         memo.write_text(json.dumps({"stamp": stamp, "sha256": sha}))
     except OSError:

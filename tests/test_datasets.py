@@ -47,9 +47,9 @@ def test_checksum_mismatch_and_offline_are_clear_errors(tmp_path, lfw_server):
     archives, protocol, stop, _ = lfw_server
     bad = {"deepfunneled": Remote(archives["deepfunneled"].filename, archives["deepfunneled"].url,
                                   "0" * 64)}
-    with pytest.raises(UserError, match="SHA-256 .* expected 0000"):
+    with pytest.raises(UserError, match="could not download .*(hash|checksum|corrupt)"):
         fetch_lfw(tmp_path / "a", archives=bad, protocol=protocol, log=lambda m: None)
-    assert not list((tmp_path).glob("*.part"))
+    assert not (tmp_path / "lfw-deepfunneled.tgz").exists()
     stop()
     with pytest.raises(UserError, match=r"could not download http://127\.0\.0\.1.*--from-archive"):
         fetch_lfw(tmp_path / "b", archives=archives, protocol=protocol, log=lambda m: None)

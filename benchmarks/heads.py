@@ -1,0 +1,41 @@
+"""Train time and accuracy of every head on one cache, the same split for all.
+
+    python benchmarks/heads.py --cache data/cache/FILE.h5 --min-per-class 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from common import command_line, save
+
+from classify.heads import HEADS
+from classify.train import train
+from featurize import cache as cache_io
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", required=True)
+    p.add_argument("--min-per-class", type=int, default=20)
+    p.add_argument("--heads", default=",".join(HEADS))
+    p.add_argument("--name", default="heads")
+    args = p.parse_args()
+    attrs = cache_io.read_attrs(args.cache)
+    rows = []
+    with tempfile.TemporaryDirectory() as runs_dir:
+        for head in args.heads.split(","):
+            r = train(args.cache, head, min_per_class=args.min_per_class, runs_dir=runs_dir)
+            rows.append({"head": head, "classes": len(r.classes), "images": r.n_images,
+                         "dim": int(attrs["embedding_dim"]), "train_seconds": r.train_seconds,
+                         "predict_seconds": r.predict_seconds, **r.metrics})
+            print(f"{head:<9} {len(r.classes):>4} classes {r.n_images:>6} images "
+                  f"dim {attrs['embedding_dim']:>5}  acc {r.metrics['accuracy']:.4f}  "
+                  f"macroF1 {r.metrics['macro_f1']:.4f}  train {r.train_seconds:6.2f} s", flush=True)
+    save(args.name, {"cache": str(args.cache), "backbone": attrs["backbone"],
+                     "min_per_class": args.min_per_class, "rows": rows}, command_line())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The one way files are fetched (Keras's `get_file`) and hashed."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+
+from .errors import UserError
+
+TIMEOUT_S = 60
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(url: str, target: Path, sha256: str | None = None, hint: str = "") -> Path:
+    """Download `url` to `target` unless it is already there, checking its SHA-256 if known.
+
+    A failure is a UserError that says where to put the file by hand.
+    """
+    from keras.utils import get_file
+
+    target = Path(target)
+    # get_file quietly falls back to /tmp/.keras when the folder does not exist yet.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(TIMEOUT_S)  # get_file has no timeout: a stalled link would hang
+    try:
+        return Path(get_file(target.name, url, file_hash=sha256, hash_algorithm="sha256",
+                             cache_dir=str(target.parent), cache_subdir="."))
+    except Exception as e:  # get_file raises plain Exception for network and checksum errors
+        if sha256 and target.is_file() and sha256_of(target) != sha256:
+            target.unlink()  # get_file leaves a corrupt download behind
+        raise UserError(f"could not download {url} ({str(e).splitlines()[0][:120]}); download "
+                        f"it yourself to {target}{hint}.") from None
+    finally:
+        socket.setdefaulttimeout(previous)
