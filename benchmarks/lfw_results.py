@@ -85,13 +85,15 @@ def main():
     p.add_argument("--pairs-dir", default=str(LFW), help="folder with pairsDevTrain/Test.txt")
     p.add_argument("--heads", default=",".join(HEADS))
     p.add_argument("--workers", type=int)
+    p.add_argument("--skip-verify", action="store_true", help="identification only")
     p.add_argument("--full", action="store_true",
                    help="embed all of LFW (one cache for every experiment) instead of the subset")
     args = p.parse_args()
     root = lfw_images(args.lfw)
     pairs = [Path(args.pairs_dir) / "pairsDevTrain.txt", Path(args.pairs_dir) / "pairsDevTest.txt"]
     work = Path(tempfile.gettempdir()) / "lfw_results_subset"
-    folder = root if args.full else subset_folder(root, 20, pairs, work / "lfw")
+    folder = root if args.full else subset_folder(
+        root, 20, [] if args.skip_verify else pairs, work / ("lfw_ident" if args.skip_verify else "lfw"))
     t0 = time.perf_counter()
     s = featurize(folder, backbone=args.backbone, weights=args.weights,
                   input_size=args.input_size, workers=args.workers, progress=True)
@@ -119,6 +121,9 @@ def main():
                     print(f">= 70: eigenfaces+svm acc {eig['accuracy']:.4f} "
                           f"macroF1 {eig['macro_f1']:.4f}", flush=True)
             out["identification"][f"min_{min_per_class}"] = rows
+    name = "lfw_" + args.backbone.replace("-", "_") + ("_random" if args.weights == "none" else "")
+    if args.skip_verify:
+        return save(name, out, command_line())
     v1 = verify(s.path, pairs[1], train_pairs=pairs[0])
     v10 = verify(s.path, pairs[1])
     out["verification_view1"] = {
@@ -128,7 +133,6 @@ def main():
     print(f"View 1: threshold {v1['threshold']:.4f} from pairsDevTrain -> pairsDevTest accuracy "
           f"{v1['accuracy_all']:.4f}; 10-fold within DevTest {v10['accuracy']:.4f} ± "
           f"{v10['accuracy_std']:.4f}, AUC {v10['roc_auc']:.4f}")
-    name = "lfw_" + args.backbone.replace("-", "_") + ("_random" if args.weights == "none" else "")
     save(name, out, command_line())
 
 

@@ -18,6 +18,11 @@ VGGFACE_RELEASE = "https://github.com/rcmalli/keras-vggface/releases/download/v2
 VGGFACE_CACHE_SUBDIR = "models/vggface"  # under KERAS_HOME (~/.keras), as keras-vggface uses
 
 
+def keras_layer_name(name: str) -> str:
+    """The Keras 3 name of a keras-vggface layer ("/" is not allowed in Keras 3)."""
+    return name.replace("/", "_")
+
+
 @dataclass(frozen=True)
 class WeightFile:
     filename: str
@@ -38,6 +43,7 @@ class Backbone:
     notop_weights: WeightFile | None = None
     top_weights: WeightFile | None = None
     blocks: tuple[str, ...] = ()  # layer-name prefixes of the blocks, bottom to top
+    top_layers: tuple[str, ...] = ()  # layers that exist only with the classifier top
 
     @property
     def short_name(self) -> str:
@@ -69,7 +75,7 @@ class Backbone:
         return builder(include_top=include_top, weights=None, **kwargs)
 
 
-def _vggface(arch, size, scheme, dim, feature_layer, blocks):
+def _vggface(arch, size, scheme, dim, feature_layer, blocks, top_layers):
     return Backbone(
         name=f"vggface-{arch}", family="vggface", builder=f"featurize.vggface:vggface_{arch}",
         input_size=size, preprocessing=scheme, embedding_dim=dim, feature_layer=feature_layer,
@@ -77,7 +83,7 @@ def _vggface(arch, size, scheme, dim, feature_layer, blocks):
                                  f"{VGGFACE_RELEASE}rcmalli_vggface_tf_notop_{arch}.h5"),
         top_weights=WeightFile(f"rcmalli_vggface_tf_{arch}.h5",
                                f"{VGGFACE_RELEASE}rcmalli_vggface_tf_{arch}.h5"),
-        blocks=blocks)
+        blocks=blocks, top_layers=top_layers)
 
 
 _RESNET_STAGES = ("conv1_", "conv2_", "conv3_", "conv4_", "conv5_")
@@ -85,10 +91,13 @@ _RESNET_STAGES = ("conv1_", "conv2_", "conv3_", "conv4_", "conv5_")
 BACKBONES: dict[str, Backbone] = {
     b.name: b for b in [
         _vggface("vgg16", 224, "vggface1", 512, "pool5",
-                 ("conv1_", "conv2_", "conv3_", "conv4_", "conv5_")),
+                 ("conv1_", "conv2_", "conv3_", "conv4_", "conv5_"),
+                 ("flatten", "fc6", "fc6/relu", "fc7", "fc7/relu", "fc8", "fc8/softmax")),
         # activation_49 / activation_81: the last ReLU before `avg_pool`, named as in Keras 2.
-        _vggface("resnet50", 224, "vggface2", 2048, "activation_49", _RESNET_STAGES),
-        _vggface("senet50", 224, "vggface2", 2048, "activation_81", _RESNET_STAGES),
+        _vggface("resnet50", 224, "vggface2", 2048, "activation_49", _RESNET_STAGES,
+                 ("flatten_1", "classifier")),
+        _vggface("senet50", 224, "vggface2", 2048, "activation_81", _RESNET_STAGES,
+                 ("flatten_1", "classifier")),
         Backbone(name="dlib-resnet", family="dlib", builder="featurize.dlib_backbone:DlibExtractor",
                  input_size=150, preprocessing="dlib-5pt-chip", embedding_dim=128,
                  default_pool="none"),

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from .backbones import Backbone, get_backbone
+from .backbones import Backbone, get_backbone, keras_layer_name
 from .errors import UserError
 from .weights import RANDOM_SEED, Weights, load_into, resolve
 
@@ -84,10 +84,7 @@ def make_settings(backbone="vggface-resnet50", weights="default", layer=None, po
 
 
 def _is_top_layer(spec: Backbone, layer: str) -> bool:
-    top = {"vggface-vgg16": ("flatten", "fc6", "fc7", "fc8"),
-           "vggface-resnet50": ("flatten_1", "classifier"),
-           "vggface-senet50": ("flatten_1", "classifier")}.get(spec.name, ())
-    return layer.split("/")[0] in top
+    return keras_layer_name(layer) in {keras_layer_name(n) for n in spec.top_layers}
 
 
 def build_extractor(settings: EmbeddingSettings, weights: Weights):
@@ -144,7 +141,6 @@ def build_base(settings: EmbeddingSettings, weights: Weights):
     if not layer_name:
         return base
     if spec.family == "vggface":
-        from .vggface import keras_layer_name
         layer_name = keras_layer_name(layer_name)
     names = [layer.name for layer in base.layers]
     if layer_name not in names:

@@ -110,7 +110,7 @@ def _list_file(source: Path) -> Dataset:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read list file {source} ({e}); give a UTF-8 text file of "
                         "image paths, one per line.") from None
-    for number, line in enumerate(lines, 1):
+    for line in lines:
         if not line.strip() or line.startswith("#"):
             continue
         path, _, label = line.rstrip("\n").partition("\t")

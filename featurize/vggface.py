@@ -17,13 +17,10 @@ import re
 import keras
 from keras import layers
 
+from .backbones import keras_layer_name
+
 VGG16_CLASSES = 2622
 RESNET50_CLASSES = 8631  # VGGFace2 identities, also the senet50 top
-
-
-def keras_layer_name(name: str) -> str:
-    """The Keras 3 name of a keras-vggface layer ("/" is not allowed in Keras 3)."""
-    return name.replace("/", "_")
 
 
 class _AutoNames:

@@ -166,7 +166,7 @@ def load_into(model, spec: Backbone, weights: Weights) -> None:
     if weights.kind != "file" or spec.family == "file":
         return
     if spec.family == "vggface" and not weights.path.endswith(".weights.h5"):
-        from .vggface import keras_layer_name
+        from .backbones import keras_layer_name
         load_keras2_h5(model, weights.path, keras_layer_name)
         return
     try:

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import blobs, make_folder, synthetic_cache
+from conftest import blobs, synthetic_cache
 from classify import heads
 from classify.cli import main
 from classify.data import select
@@ -56,7 +56,8 @@ def test_split_is_the_same_for_every_head_and_depends_on_the_seed(tmp_path, sepa
     a = train(separable, "logreg", runs_dir=tmp_path / "runs")
     b = train(separable, "centroid", runs_dir=tmp_path / "runs")
     c = train(separable, "logreg", seed=1, runs_dir=tmp_path / "runs")
-    split = lambda r: json.loads((r.run_dir / "split.json").read_text())["folds"]
+    def split(r):
+        return json.loads((r.run_dir / "split.json").read_text())["folds"]
     assert split(a) == split(b) and split(a) != split(c)
     test = split(a)[0]["test"]
     assert len(test) == round(0.25 * 150) and not set(test) & set(split(a)[0]["train"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import LFW_IMAGES, lfw_available, make_folder, write_image
+from conftest import LFW_IMAGES, lfw_available, write_image
 from featurize import cache
 from featurize.cli import main
 from featurize.errors import UserError

@@ -301,9 +301,9 @@ def test_property_final_cache_equals_a_fresh_featurize(steps, tmp_path_factory, 
             path.unlink()
         elif action in ("run", "interrupt"):
             if action == "interrupt":
-                def interrupted(*a, **k):
+                def interrupted(*a, stop=n % 3, **k):
                     for i, b in enumerate(real(*a, **k)):
-                        if i == n % 3:
+                        if i == stop:
                             raise KeyboardInterrupt
                         yield b
                 monkeypatch.setattr(run_module, "batches", interrupted)
