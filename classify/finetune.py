@@ -76,8 +76,7 @@ def head_layers(head, dim: int):
     import keras
     name = type(head).__name__
     if name == "DenseHead":
-        return [head.model_.get_layer("hidden"), head.model_.get_layer("dropout"),
-                head.model_.get_layer("classes")]
+        return [head.model_.get_layer(n) for n in ("standardize", "hidden", "dropout", "classes")]
     if name == "LogisticRegression":
         coef, intercept = head.coef_, head.intercept_
         if coef.shape[0] == 1:  # binary: softmax([-z/2, z/2]) is sigmoid(z)
