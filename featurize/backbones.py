@@ -152,6 +152,12 @@ _KERAS_BLOCKS = {
     **{n: tuple(f"conv{i}_" for i in range(1, 6))
        for n in ("resnet50", "resnet101", "resnet152", "resnet50v2", "resnet101v2", "resnet152v2")},
     "mobilenetv2": tuple(f"block_{i}_" for i in range(1, 17)) + ("Conv_1",),
+    **{f"efficientnetb{i}": ("stem_",) + tuple(f"block{j}" for j in range(1, 8)) + ("top_",)
+       for i in range(8)},
+    **{f"efficientnetv2{v}": ("stem_",) + tuple(f"block{j}" for j in range(1, 7 + (v in "ml")))
+       + ("top_",) for v in ("b0", "b1", "b2", "b3", "s", "m", "l")},
+    **{n: tuple(f"conv{i}_" for i in range(1, 6)) for n in ("densenet121", "densenet169", "densenet201")},
+    "xception": tuple(f"block{i}_" for i in range(1, 15)),
 }
 
 for _name, (_module, _func, _size, _dim) in _KERAS_APPS.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from .backbones import Backbone, get_backbone, keras_layer_name
@@ -117,9 +118,6 @@ def build_base(settings: EmbeddingSettings, weights: Weights):
     import keras
 
     spec = settings.spec
-    if settings.precision == "mixed":
-        # bfloat16 keeps float32's range (no loss scaling); H100s and recent CPUs run it fast.
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     if weights.kind == "random":
         keras.utils.set_random_seed(RANDOM_SEED)
     include_top = bool(settings.layer) and _is_top_layer(spec, settings.layer)
@@ -151,8 +149,26 @@ def build_base(settings: EmbeddingSettings, weights: Weights):
     return keras.Model(base.input, base.get_layer(layer_name).output, name=f"{spec.short_name}_base")
 
 
+@contextmanager
+def precision(name: str):
+    """Layers built inside get the precision's dtype policy; the global policy is restored."""
+    import keras
+    previous = keras.mixed_precision.global_policy()
+    # bfloat16 keeps float32's range (no loss scaling); H100s and recent CPUs run it fast.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if name == "mixed" else "float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def build_embedding_model(settings: EmbeddingSettings, weights: Weights):
     """One Keras model: raw uint8 images in, float32 embeddings out."""
+    with precision(settings.precision):
+        return _build_embedding_model(settings, weights)
+
+
+def _build_embedding_model(settings: EmbeddingSettings, weights: Weights):
     import keras
     from keras import layers, ops
 

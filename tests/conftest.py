@@ -44,13 +44,14 @@ def lfw_available() -> bool:
     return LFW_IMAGES.is_dir()
 
 
-def synthetic_cache(path: Path, X, y, classes, paths=None, backbone="vggface-vgg16"):
+def synthetic_cache(path: Path, X, y, classes, paths=None, backbone="vggface-vgg16",
+                    weights="random-seed0", weights_file="random"):
     """A cache file with given embeddings, written through featurize's own cache module."""
     from featurize import cache
     from featurize.extractor import EmbeddingSettings
     from featurize.images import Dataset, Item
 
-    settings = EmbeddingSettings(backbone=backbone, weights="random-seed0", weights_file="random",
+    settings = EmbeddingSettings(backbone=backbone, weights=weights, weights_file=weights_file,
                                  layer="", pooling="avg", input_size=32, crop=0.0, flip=False,
                                  preprocessing="vggface1", precision="float32", jitter=0)
     if paths is None:

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import blobs, synthetic_cache
+from conftest import blobs, synthetic_cache, write_image
 from classify import heads
 from classify.cli import main
 from classify.data import select
@@ -150,6 +150,18 @@ def test_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys, monkeypat
         assert err.startswith("error: ") and "\n" not in err
         assert __import__("re").search(message, err), (argv, err)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_predict_says_which_weights_are_missing(tmp_path, capsys):
+    X, y, classes = blobs(n_classes=3, per_class=8)
+    path = synthetic_cache(tmp_path / "c.h5", X, y, classes, weights="ab" * 32,
+                           weights_file="rcmalli_vggface_tf_notop_vgg16.h5")
+    r = train(path, "logreg", runs_dir=tmp_path / "runs")
+    image = tmp_path / "x.png"
+    write_image(image, seed=1, fmt="PNG")
+    assert main(["predict", str(image), "--run", str(r.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "rcmalli_vggface_tf_notop_vgg16.h5, sha256 abababababab" in err and "not present" in err
 
 
 def test_truncated_cache_and_edited_run_are_clear_errors(tmp_path, separable, capsys):

@@ -152,6 +152,18 @@ def test_every_setting_that_changes_an_embedding_gets_its_own_file(image_folder,
     assert len(paths) == 5
 
 
+def test_mixed_precision_is_close_to_float32_and_does_not_leak(image_folder, tmp_path):
+    import keras
+    full = cache.read(run(image_folder, tmp_path).path)
+    mixed = cache.read(run(image_folder, tmp_path, precision="mixed").path)
+    assert mixed.path != full.path and mixed.attrs["precision"] == "mixed"
+    assert mixed.embeddings.dtype == np.float32
+    scale = np.abs(full.embeddings).max()
+    assert np.abs(mixed.embeddings - full.embeddings).max() < 0.05 * scale
+    assert not np.array_equal(mixed.embeddings, full.embeddings)  # bf16 really was used
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
 def test_flip_averages_the_image_and_its_mirror(tmp_path):
     folder = tmp_path / "flip"
     write_image(folder / "a" / "x.png", seed=1, fmt="PNG")
