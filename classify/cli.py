@@ -120,9 +120,9 @@ def _predict(argv) -> int:
         if "error" in r:
             print(f"{r['path']}: error: {r['error']}")
             continue
-        top = ", ".join(f"{t['class']} {next(v for k, v in t.items() if k != 'class'):.3f}"
-                        for t in r["top"])
-        print(f"{r['path']}: {r['prediction']}  ({top})")
+        kind = next(k for k in r["top"][0] if k != "class")  # probability, distance or score
+        top = ", ".join(f"{t['class']} {t[kind]:.3f}" for t in r["top"])
+        print(f"{r['path']}: {r['prediction']}  ({kind}: {top})")
     return 0
 
 
