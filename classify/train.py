@@ -37,8 +37,11 @@ def train(cache=None, head="logreg", params=(), min_per_class=1, max_per_class=N
           out=None, runs_dir=runs.DEFAULT_DIR) -> Result:
     spec = heads.get_head(head)
     kwargs = heads.parse_params(spec, list(params))
-    path = Path(data.find_cache(cache))
-    c = cache_io.read(path)
+    if isinstance(cache, cache_io.Cache):  # already read (benchmarks, notebooks)
+        c, path = cache, Path(cache.path)
+    else:
+        path = Path(data.find_cache(cache))
+        c = cache_io.read(path)
     sel = data.select(c, min_per_class, max_per_class, min_needed=cv or 2)
     if normalize is None:
         normalize = data.default_normalize(c.attrs.get("backbone", ""))
