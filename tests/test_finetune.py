@@ -144,3 +144,11 @@ def test_errors(run_dir, tmp_path, capsys):
     knn = train(record["cache"], "knn", runs_dir=tmp_path / "runs").run_dir
     assert main(["finetune", "--run", str(knn)]) == 2
     assert "needs a dense or logreg run" in capsys.readouterr().err
+
+
+def test_a_dense_run_is_fine_tuned_from_its_own_layers(run_dir, tmp_path):
+    record, _ = load(run_dir)
+    dense = train(record["cache"], "dense", runs_dir=tmp_path / "runs")
+    r = finetune(dense.run_dir, epochs=1, batch_size=8, out=tmp_path / "ft", log=lambda m: None)
+    assert r["before"]["accuracy"] == pytest.approx(dense.metrics["accuracy"])
+    assert r["after"]["accuracy"] >= r["before"]["accuracy"] - 1 / 23  # one image at most
