@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from common import command_line, lfw_images, save
 
 from featurize.extractor import build_extractor, make_settings
 from featurize.images import list_dataset
-from featurize.pipeline import batches, default_workers
+from featurize.pipeline import batches, default_workers, executor
 
 
 def rate(n, seconds):
@@ -49,7 +48,7 @@ def main():
     one = [ext.prepare(it.path) for it in items[: max(1, n // 4)]]
     decode_one = rate(len(one), time.perf_counter() - t)
     t = time.perf_counter()
-    with ThreadPoolExecutor(args.workers) as pool:
+    with executor(ext, args.workers) as pool:
         arrays = list(pool.map(ext.prepare, [it.path for it in items]))
     decode_all = rate(n, time.perf_counter() - t)
 

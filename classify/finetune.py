@@ -6,7 +6,8 @@ any training it reproduces the run's predictions from images (checked). Then the
 `--unfreeze` blocks of the base train at a small learning rate, with every BatchNorm layer
 frozen in inference mode (its statistics never move), on the run's training split
 only: the validation slice for early stopping comes out of it, the test images are touched
-only to report before/after metrics.
+only to report before/after metrics. If no epoch lowers the validation loss below where it
+started, the original weights are kept: fine-tuning is applied only when it pays.
 """
 
 from __future__ import annotations
@@ -268,11 +269,20 @@ def finetune(run_dir, unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, v
     callbacks = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=2),
                  keras.callbacks.EarlyStopping(monitor="val_loss", patience=4,
                                                restore_best_weights=True)]
+    start_weights = model.get_weights()
+    val_before = float(model.evaluate(val_ds, verbose=0)[0])
     t0 = time.perf_counter()
     history = model.fit(fit_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
                         verbose=0)
     seconds = time.perf_counter() - t0
     epochs_run = len(history.history["loss"])
+    val_after = float(model.evaluate(val_ds, verbose=0)[0])
+    # Early stopping restores the best epoch, never the start: keep the start if no epoch paid.
+    paid = val_after < val_before
+    if not paid:
+        model.set_weights(start_weights)
+        log(f"fine-tuning did not lower the validation loss ({val_before:.4f} -> {val_after:.4f}); "
+            "the saved model keeps the original weights.")
     after_scores = model.predict(test_ds, verbose=0)
     after = report.evaluate(test_y, after_scores.argmax(1), after_scores, len(record["classes"]))
     unchanged = all(np.array_equal(keras.ops.convert_to_numpy(w), frozen_before[w.path])
@@ -296,7 +306,9 @@ def finetune(run_dir, unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, v
                           "augment": augment, "val_fraction": val_fraction, "seed": seed},
                "trained_layers": trained_layers, "metrics": after, "metrics_before": before,
                "train_seconds": seconds, "seconds_per_epoch": seconds / max(epochs_run, 1),
-               "frozen_layers_unchanged": unchanged, "score_kind": "probability"}
+               "frozen_layers_unchanged": unchanged, "score_kind": "probability",
+               "validation_loss_before": val_before, "validation_loss_after": val_after,
+               "paid": paid}
         writer.json("run.json", new)
         writer.json("metrics.json", {"before": before, "after": after})
         new_dir = writer.commit()
@@ -304,6 +316,7 @@ def finetune(run_dir, unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, v
         writer.abort()
         raise
     result = {"run_dir": new_dir, "before": before, "after": after, "epochs_run": epochs_run,
+              "paid": paid, "validation_loss": (val_before, val_after),
               "seconds_per_epoch": seconds / max(epochs_run, 1), "trained_layers": trained_layers,
               "frozen_layers_unchanged": unchanged}
     if refeaturize:
@@ -330,7 +343,9 @@ def main(argv) -> int:
     r = finetune(args.run, args.unfreeze, args.lr, args.epochs, args.batch_size,
                  args.val_fraction, args.augment, args.refeaturize, args.out, args.seed)
     print(f"trained {len(r['trained_layers'])} layers for {r['epochs_run']} epochs "
-          f"({r['seconds_per_epoch']:.1f} s per epoch)")
+          f"({r['seconds_per_epoch']:.1f} s per epoch); validation loss "
+          f"{r['validation_loss'][0]:.4f} -> {r['validation_loss'][1]:.4f}"
+          + ("" if r["paid"] else ": did not pay, original weights kept"))
     print(f"before: {report.format_metrics(r['before'])}")
     print(f"after:  {report.format_metrics(r['after'])}")
     if "cache" in r:

@@ -2,7 +2,8 @@
 
 Per image: HOG face detection (the face nearest the centre; upsampled once if none is found),
 5-point landmarks, an aligned 150x150 chip, and the 128-D descriptor. dlib holds the GIL, so
-the whole chain runs in worker processes, one model copy each. Needs `pip install -e .[dlib]`.
+the whole chain runs in worker processes, one model copy each (dlib is not thread-safe either:
+never call `describe` from several threads). Needs `pip install -e .[dlib]`.
 """
 
 from __future__ import annotations

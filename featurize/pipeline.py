@@ -37,12 +37,18 @@ def _safe(prepare, path):
         return None, "out of memory while decoding"
 
 
+def executor(extractor, workers=None) -> Executor:
+    """Threads (decoding releases the GIL), or processes for extractors that need them
+    (dlib is neither thread-safe nor releases the GIL)."""
+    workers = workers or default_workers()
+    if getattr(extractor, "parallel", "thread") == "process" and workers > 1:
+        return ProcessPoolExecutor(workers)
+    return ThreadPoolExecutor(workers)
+
+
 def batches(items, extractor, batch_size=32, workers=None, prefetch_batches=2):
     """Yield a `Batch` per `batch_size` items, in order."""
-    workers = workers or default_workers()
-    process = getattr(extractor, "parallel", "thread") == "process"
-    pool: Executor = (ProcessPoolExecutor(workers) if process and workers > 1
-                      else ThreadPoolExecutor(workers))
+    pool = executor(extractor, workers)
     window = deque()
     pending = iter(items)
     limit = batch_size * (prefetch_batches + 1)

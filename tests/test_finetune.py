@@ -99,8 +99,9 @@ def test_only_the_top_block_trains_and_batchnorm_statistics_stay(finetuned, run_
     for a, b in zip(original.get_layer("block3_bn").get_weights(),
                     inner.get_layer("block3_bn").get_weights()):  # moving statistics included
         np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(original.get_layer("block3_conv").get_weights()[0],
-                              inner.get_layer("block3_conv").get_weights()[0])
+    changed = not np.array_equal(original.get_layer("block3_conv").get_weights()[0],
+                                 inner.get_layer("block3_conv").get_weights()[0])
+    assert changed == finetuned["paid"]  # trained, or restored when it did not pay
 
 
 def test_saved_model_reloads_predicts_identically_and_is_a_run(finetuned, run_dir, capsys):
@@ -130,6 +131,20 @@ def test_refeaturize_writes_a_new_cache_with_the_tuned_base(run_dir, tmp_path):
     assert new.path != old.path and new.paths == old.paths
     assert new.attrs["weights"] != old.attrs["weights"]
     assert new.attrs["backbone"].endswith("finetuned_base.keras")
+
+
+def test_a_fine_tune_that_does_not_pay_keeps_the_original_weights(run_dir, tmp_path, base_file):
+    import keras
+    messages = []
+    r = finetune(run_dir, lr=0.0, epochs=1, batch_size=8, out=tmp_path / "zero",
+                 log=messages.append)
+    assert not r["paid"] and any("did not lower the validation loss" in m for m in messages)
+    assert r["after"] == r["before"]
+    tuned = keras.saving.load_model(r["run_dir"] / "model.keras")
+    inner = next(layer for layer in tuned.layers if isinstance(layer, keras.Model))
+    original = keras.saving.load_model(base_file)
+    for a, b in zip(original.get_weights(), inner.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_errors(run_dir, tmp_path, capsys):
