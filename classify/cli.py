@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # work already done is committed where it is made
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _train(argv) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -117,7 +118,6 @@ def _check_writable(path: Path):
 
 
 def _can_write(folder: Path) -> bool:
-    import os
     return os.access(folder, os.W_OK | os.X_OK)
 
 
