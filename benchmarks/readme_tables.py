@@ -76,16 +76,14 @@ def speed_tables(out):
     out.append("### Speed and memory\n")
     out.append("| what | figure | machine | command |")
     out.append("|---|---|---|---|")
-    for name, what in (("heads_lifted_2048d", "real dlib LFW embeddings lifted to 2,048-D"),
-                       ("heads_2048d", "vggface-resnet50 random-weight embeddings, no class "
-                                       "structure: the worst case")):
-        h = load(name)
-        for row in h["rows"] if h else []:
-            out.append(f"| train `{row['head']}`: {row['images']} x {row['dim']}, {row['classes']} "
-                       f"classes, {what} | {row['train_seconds']:.2f} s (accuracy "
-                       f"{row['accuracy']:.3f}) | {machine(h)} | `{h['command']}` |")
     for name in sorted(p.stem for p in RESULTS.glob("throughput_*.json")):
         t = load(name)
+        if t["backbone"] == "dlib-resnet":  # all its work (detect, align, describe) is per image
+            out.append(f"| featurize `dlib-resnet`, {t['images']} LFW images | "
+                       f"{t['end_to_end_img_s']:.1f} img/s with {t['workers']} worker processes "
+                       f"({t['decode_one_worker_img_s']:.1f} img/s on one) | {machine(t)} | "
+                       f"`{t['command']}` |")
+            continue
         out.append(f"| featurize `{t['backbone']}` {t['precision']}, {t['input_size']}px, "
                    f"{t['images']} LFW images | {t['end_to_end_img_s']:.1f} img/s = "
                    f"{t['ratio_to_ceiling']:.0%} of min(model {t['model_img_s']:.1f}, decode "
@@ -110,9 +108,40 @@ def speed_tables(out):
                    f"| `{v['command']}` |")
     for name in sorted(p.stem for p in RESULTS.glob("finetune_*.json")):
         f = load(name)
-        out.append(f"| fine-tune `{f['backbone']}` ({f['weights']} weights, {f['input_size']}px), "
-                   f"{f['train_images']} training images, top block | "
+        weights = "random" if f["weights"] == "none" else f["weights"]
+        out.append(f"| fine-tune `{f['backbone']}` ({weights} weights, {f['input_size']}px), "
+                   f"{f['train_images']} training-split images, top block | "
                    f"{f['seconds_per_epoch']:.0f} s per epoch | {machine(f)} | `{f['command']}` |")
+    out.append("")
+
+
+def heads_table(out):
+    sources = [("lfw_dlib_resnet", "dlib LFW embeddings, 3,023 x 128, 62 classes"),
+               ("heads_lifted_2048d", "the same lifted to 2,048-D by a fixed random ReLU layer "
+                                      "(real class structure at ResNet-50's width)"),
+               ("heads_2048d", "vggface-resnet50 random-weight embeddings, 3,023 x 2,048 (no "
+                               "class structure: the worst case)")]
+    rows = []
+    for name, what in sources:
+        r = load(name)
+        if not r:
+            continue
+        if "rows" in r:
+            times = {row["head"]: (row["train_seconds"], row["accuracy"]) for row in r["rows"]}
+        else:
+            times = {h: (v["train_seconds"], v["accuracy"])
+                     for h, v in r["identification"]["min_20"].items() if "train_seconds" in v}
+        rows.append((what, times, r["command"], machine(r)))
+    if not rows:
+        return
+    heads = list(rows[0][1])
+    out.append("### Head training time (seconds, accuracy in brackets)\n")
+    out.append("| embeddings | " + " | ".join(heads) + " | machine | command |")
+    out.append("|---" * (len(heads) + 3) + "|")
+    for what, times, command, where in rows:
+        cells = " | ".join(f"{times[h][0]:.2f} ({times[h][1]:.3f})" if h in times else "-"
+                           for h in heads)
+        out.append(f"| {what} | {cells} | {where} | `{command}` |")
     out.append("")
 
 
@@ -142,6 +171,7 @@ def main():
     out = []
     lfw_tables(out)
     plumbing_table(out)
+    heads_table(out)
     speed_tables(out)
     equivalence_table(out)
     text = "\n".join(out)
