@@ -172,7 +172,9 @@ HEADS = {h.name: h for h in [
          lambda **p: LogisticRegression(**{"C": 10.0, "max_iter": 2000, "tol": 1e-3, **p}),
          "probability"),
     Head("svm", "linear SVM with probability calibration",
-         lambda **p: CalibratedClassifierCV(LinearSVC(**{"C": 1.0, **p}), cv=3), "probability"),
+         # the three calibration folds train in parallel (threads, see classify.train)
+         lambda **p: CalibratedClassifierCV(LinearSVC(**{"C": 1.0, **p}), cv=3, n_jobs=-1),
+         "probability"),
     Head("knn", "k nearest neighbours, cosine", lambda **p: CosineKNN(**p), "distance"),
     Head("centroid", "nearest class mean, cosine", lambda **p: CosineCentroid(**p), "distance"),
     Head("ridge", "ridge regression classifier", lambda **p: RidgeClassifier(**p), "score"),
