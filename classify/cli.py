@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from featurize.errors import UserError
+from featurize.errors import run_command
 
 from . import heads, runs
 
@@ -72,15 +72,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
     rest = argv[1:] if command != "train" else argv
-    try:
-        return {"train": _train, "runs": _runs, "predict": _predict, "verify": _verify,
-                "finetune": _finetune}[command](rest)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # work already done is committed where it is made
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command({"train": _train, "runs": _runs, "predict": _predict, "verify": _verify,
+                        "finetune": _finetune}[command], rest)
 
 
 def _train(argv) -> int:

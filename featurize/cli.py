@@ -7,7 +7,7 @@ import sys
 
 from . import cache
 from .backbones import BACKBONES, DEFAULT_BACKBONE
-from .errors import UserError
+from .errors import run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,27 +59,23 @@ def list_backbones() -> str:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == ["verify"]:
-            from .verify import verify_cache
-            args = _verify_parser().parse_args(argv[1:])
-            report = verify_cache(args.cache, sample=args.sample, tolerance=args.tolerance)
-            print(report.text())
-            return 0 if report.ok else 1
-        args = _parser().parse_args(argv)
-        if args.list_backbones:
-            print(list_backbones())
-            return 0
-        if not args.source:
-            _parser().error("give a folder of images (or --list-backbones)")
-        return _featurize(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # work already done is committed where it is made
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv) -> int:
+    if argv[:1] == ["verify"]:
+        from .verify import verify_cache
+        args = _verify_parser().parse_args(argv[1:])
+        report = verify_cache(args.cache, sample=args.sample, tolerance=args.tolerance)
+        print(report.text())
+        return 0 if report.ok else 1
+    args = _parser().parse_args(argv)
+    if args.list_backbones:
+        print(list_backbones())
+        return 0
+    if not args.source:
+        _parser().error("give a folder of images (or --list-backbones)")
+    return _featurize(args)
 
 
 def _featurize(args) -> int:
