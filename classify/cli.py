@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
 
 def _train(argv) -> int:
-    from .report import format_metrics
+    from .report import MAX_REPORT_CLASSES, format_metrics
     from .train import train
     args = _train_parser().parse_args(argv)
     if args.list_heads:
@@ -91,7 +91,7 @@ def _train(argv) -> int:
         print(f"note: {note}")
     split = f"{args.cv}-fold CV" if args.cv else f"held-out {args.test_size:.0%}"
     print(f"{args.head}: {len(r.classes)} classes, {r.n_images} images, {split}, seed {args.seed}")
-    if len(r.classes) <= 30:
+    if len(r.classes) <= MAX_REPORT_CLASSES:
         print(r.report_text)
     print(format_metrics(r.metrics))
     print(f"train {r.train_seconds:.2f} s, predict {r.predict_seconds:.3f} s")

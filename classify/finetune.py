@@ -93,9 +93,8 @@ def head_layers(head, dim: int):
 def assemble(record, pipeline):
     """(full model, bare base, settings, weights) for a run."""
     import keras
-    from keras import layers
 
-    from featurize.extractor import EmbeddingSettings, build_base, weights_for
+    from featurize.extractor import EmbeddingSettings, build_base, pool_features, weights_for
     from featurize.preprocessing import ImagePreprocessing
 
     attrs = record["provenance"]
@@ -112,9 +111,7 @@ def assemble(record, pipeline):
     images = keras.Input((size, size, 3), dtype="uint8", name="image")
     x = ImagePreprocessing(settings.preprocessing, name="preprocessing")(images)
     x = base(x, training=False)  # and `unfreeze` keeps every BatchNorm non-trainable
-    if len(x.shape) == 4:
-        pool = layers.GlobalAveragePooling2D if settings.pooling == "avg" else layers.GlobalMaxPooling2D
-        x = pool(name="pool")(x)
+    x = pool_features(x, settings.pooling, name="pool")
     for layer in feature_layers(pipeline):
         x = layer(x)
     for layer in head_layers(pipeline.named_steps["head"], int(x.shape[-1])):

@@ -60,8 +60,10 @@ class Backbone:
             return "the .keras file itself"
         return "dlib model from the face-recognition-models package"
 
-    def build(self, include_top: bool = False, input_size: int | None = None):
-        """The bare architecture (random weights); `featurize.weights` loads weights."""
+    def build(self, include_top: bool = False, input_size: int | None = None,
+              imagenet: bool = False):
+        """The architecture with random weights (`featurize.weights` loads the weights), or for
+        a Keras application with its ImageNet weights through Keras's own download."""
         if self.family == "file":
             import keras
             return keras.saving.load_model(self.builder, compile=False)
@@ -72,7 +74,7 @@ class Backbone:
             return builder(include_top=include_top,
                            input_shape=None if include_top else (size, size, 3))
         kwargs = {"input_shape": (size, size, 3)} if not include_top else {}
-        return builder(include_top=include_top, weights=None, **kwargs)
+        return builder(include_top=include_top, weights="imagenet" if imagenet else None, **kwargs)
 
 
 def _vggface(arch, size, scheme, dim, feature_layer, blocks, top_layers):

@@ -117,7 +117,7 @@ def read(path) -> Cache:
             labels = np.asarray(f["labels"][()], dtype=np.int64)
             classes = _strings(f["classes"])
             failed = dict(zip(_strings(f["failed/paths"]), _strings(f["failed/reasons"])))
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            attrs = _attrs(f)
         except (KeyError, OSError) as e:
             raise UserError(f"cache {path} is damaged ({e}); delete it and run featurize "
                             "again.") from None
@@ -135,9 +135,13 @@ def read(path) -> Cache:
     return Cache(Path(path), emb, paths, labels, classes, attrs, failed)
 
 
+def _attrs(f) -> dict:
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
 def read_attrs(path) -> dict:
     with _open(path) as f:
-        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        return _attrs(f)
 
 
 # --- the state a run starts from -------------------------------------------------------------
@@ -169,10 +173,11 @@ class State:
         self.path = Path(path)
         self.settings = settings
         self.sources: list[_Source] = []
+        self.attrs: dict = {}
         if self.path.exists():
-            attrs = read_attrs(self.path)
-            if attrs.get("settings_key") != settings.key():
-                raise UserError(_settings_mismatch(self.path, attrs, settings))
+            self.attrs = read_attrs(self.path)
+            if self.attrs.get("settings_key") != settings.key():
+                raise UserError(_settings_mismatch(self.path, self.attrs, settings))
             self.sources.append(_read_source(self.path))
         for part in sorted(parts_dir(self.path).glob("part-*.h5")):
             try:
@@ -212,7 +217,7 @@ class State:
             return False
         wanted = {it.key for it in dataset.items}
         return (wanted == set(self.rows) | set(self.failed) and not self.todo(dataset.items)
-                and read_attrs(self.path).get("labels_digest") == _labels_digest(dataset))
+                and self.attrs.get("labels_digest") == _labels_digest(dataset))
 
 
 def _settings_mismatch(path, attrs, settings) -> str:

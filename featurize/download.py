@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -19,6 +20,18 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def network_timeout(seconds: float = TIMEOUT_S):
+    """Keras downloads (get_file, applications' weights) have no timeout: a stalled link
+    would hang forever. Bound every socket read meanwhile."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def fetch(url: str, target: Path, sha256: str | None = None, hint: str = "") -> Path:
     """Download `url` to `target` unless it is already there, checking its SHA-256 if known.
 
@@ -29,15 +42,12 @@ def fetch(url: str, target: Path, sha256: str | None = None, hint: str = "") -> 
     target = Path(target)
     # get_file quietly falls back to /tmp/.keras when the folder does not exist yet.
     target.parent.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(TIMEOUT_S)  # get_file has no timeout: a stalled link would hang
     try:
-        return Path(get_file(target.name, url, file_hash=sha256, hash_algorithm="sha256",
-                             cache_dir=str(target.parent), cache_subdir="."))
+        with network_timeout():
+            return Path(get_file(target.name, url, file_hash=sha256, hash_algorithm="sha256",
+                                 cache_dir=str(target.parent), cache_subdir="."))
     except Exception as e:  # get_file raises plain Exception for network and checksum errors
         if sha256 and target.is_file() and sha256_of(target) != sha256:
             target.unlink()  # get_file leaves a corrupt download behind
         raise UserError(f"could not download {url} ({str(e).splitlines()[0][:120]}); download "
                         f"it yourself to {target}{hint}.") from None
-    finally:
-        socket.setdefaulttimeout(previous)

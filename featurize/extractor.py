@@ -122,12 +122,10 @@ def build_base(settings: EmbeddingSettings, weights: Weights):
         keras.utils.set_random_seed(RANDOM_SEED)
     include_top = bool(settings.layer) and _is_top_layer(spec, settings.layer)
     if weights.kind == "imagenet":
-        module, func = spec.builder.split(":")
-        import importlib
-        builder = getattr(importlib.import_module(module), func)
+        from .download import network_timeout
         try:
-            base = builder(include_top=include_top, weights="imagenet",
-                           **({} if include_top else {"input_shape": (settings.input_size,) * 2 + (3,)}))
+            with network_timeout():
+                base = spec.build(include_top, settings.input_size, imagenet=True)
         except Exception as e:
             raise UserError(f"could not get the ImageNet weights of {spec.name} "
                             f"({str(e).splitlines()[0][:120]}); connect to the internet once, "
@@ -147,6 +145,15 @@ def build_base(settings: EmbeddingSettings, weights: Weights):
         raise UserError(f"{spec.name} has no layer {settings.layer!r}; candidates: "
                         f"{', '.join(close)}.")
     return keras.Model(base.input, base.get_layer(layer_name).output, name=f"{spec.short_name}_base")
+
+
+def pool_features(features, pooling: str, **layer_kwargs):
+    """The embedding of a layer's output: global avg/max pooling of a feature map, else flat."""
+    from keras import layers
+    if len(features.shape) == 4:
+        pool = layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D
+        return pool(**layer_kwargs)(features)
+    return layers.Flatten(**layer_kwargs)(features)
 
 
 @contextmanager
@@ -181,11 +188,7 @@ def _build_embedding_model(settings: EmbeddingSettings, weights: Weights):
     x = ImagePreprocessing(settings.preprocessing, name="preprocessing")(images)
 
     def pooled(t):
-        features = base(t, training=False)
-        if len(features.shape) == 4:
-            pool = layers.GlobalAveragePooling2D if settings.pooling == "avg" else layers.GlobalMaxPooling2D
-            return pool(dtype="float32")(features)
-        return layers.Flatten(dtype="float32")(features)
+        return pool_features(base(t, training=False), settings.pooling, dtype="float32")
 
     y = pooled(x)
     if settings.flip:

@@ -19,11 +19,6 @@ VGGFACE_BGR_MEANS = {
 }
 
 
-def preprocess_numpy(x, scheme: str):
-    """The same preprocessing on a NumPy batch (for tests and reference checks)."""
-    return keras.ops.convert_to_numpy(ImagePreprocessing(scheme)(x))
-
-
 @keras.saving.register_keras_serializable(package="featurize")
 class ImagePreprocessing(keras.layers.Layer):
     """Raw RGB pixels (0-255, any dtype) -> what the backbone was trained on.
