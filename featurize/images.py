@@ -77,7 +77,8 @@ def list_dataset(source) -> Dataset:
     source = Path(source)
     if not source.exists():
         raise UserError(f"{source} does not exist; give a folder of images (one sub-folder per "
-                        "class) or a text file listing image paths.")
+                        "class) or a text file listing image paths (for LFW: python -m "
+                        f"featurize.datasets lfw {source}).")
     if source.is_file():
         return _list_file(source)
     root = str(source)
