@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,19 @@ def machine() -> dict:
         info.update(keras=keras.__version__, backend=keras.backend.backend())
     except ImportError:
         pass
+    gpu = _gpu_name()
+    if gpu:
+        info["gpu"] = gpu
     return info
+
+
+def _gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def save(name: str, data: dict, command: str) -> Path:

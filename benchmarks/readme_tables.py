@@ -19,6 +19,8 @@ def load(name):
 
 def machine(r) -> str:
     m = r["machine"]
+    if m.get("gpu"):
+        return f"**lent GPU machine**: {m['gpu']}, {m['cpus']} cores, {m.get('backend', '-')}"
     return f"{m['cpus']}-core CPU, {m.get('backend', '-')}"
 
 
@@ -84,10 +86,19 @@ def speed_tables(out):
                        f"({t['decode_one_worker_img_s']:.1f} img/s on one) | {machine(t)} | "
                        f"`{t['command']}` |")
             continue
-        out.append(f"| featurize `{t['backbone']}` {t['precision']}, {t['input_size']}px, "
-                   f"{t['images']} LFW images | {t['end_to_end_img_s']:.1f} img/s = "
-                   f"{t['ratio_to_ceiling']:.0%} of min(model {t['model_img_s']:.1f}, decode "
-                   f"{t['decode_all_workers_img_s']:.0f} img/s); compile {t['compile_seconds']:.1f} s "
+        dec = t["decode"]
+        gpu = (f"; GPU busy {t['gpu_utilisation_pct']:.0f}% of the time"
+               if t.get("gpu_utilisation_pct") is not None else "")
+        out.append(f"| featurize `{t['backbone']}` {t['precision']}, resize on the "
+                   f"{'accelerator' if t['resize'] == 'device' else 'CPU'}, {t['input_size']}px, "
+                   f"{t['images']:,} LFW images, batch {t['batch_size']} | "
+                   f"**{t['end_to_end_img_s']:,.0f} img/s** = {t['ratio_to_ceiling']:.0%} of "
+                   f"min(model {t['model_img_s']:,.0f}, decode {t['decode_all_workers_img_s']:,.0f}) "
+                   f"({t['end_to_end_wall_img_s']:,.0f} img/s counting the workers' start); "
+                   f"compile {t['compile_seconds']:.1f} s{gpu}. Decoding with {t['workers']} "
+                   f"workers: Pillow {dec['pillow']['all_workers_img_s']:,.0f}, fast path "
+                   f"{dec['fast']['all_workers_img_s']:,.0f}, fast path without the resize "
+                   f"{dec['fast_no_resize']['all_workers_img_s']:,.0f} img/s "
                    f"| {machine(t)} | `{t['command']}` |")
     c = load("cache_hit")
     if c:

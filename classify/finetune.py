@@ -94,8 +94,8 @@ def assemble(record, pipeline):
     """(full model, bare base, settings, weights) for a run."""
     import keras
 
-    from featurize.extractor import EmbeddingSettings, build_base, pool_features, weights_for
-    from featurize.preprocessing import ImagePreprocessing
+    from featurize.extractor import (EmbeddingSettings, build_base, image_input, pool_features,
+                                     weights_for)
 
     attrs = record["provenance"]
     settings = EmbeddingSettings.from_json(attrs["settings"])
@@ -107,9 +107,7 @@ def assemble(record, pipeline):
                         "not a single image); featurize without --flip first.")
     weights = weights_for(settings, attrs.get("weights_path", ""))
     base = build_base(settings, weights)
-    size = settings.input_size
-    images = keras.Input((size, size, 3), dtype="uint8", name="image")
-    x = ImagePreprocessing(settings.preprocessing, name="preprocessing")(images)
+    images, x = image_input(settings)
     x = base(x, training=False)  # and `unfreeze` keeps every BatchNorm non-trainable
     x = pool_features(x, settings.pooling, name="pool")
     for layer in feature_layers(pipeline):
@@ -147,7 +145,7 @@ def image_dataset(paths, labels, root, settings, batch_size, augment, seed, shuf
     """A backend-agnostic keras.utils.PyDataset reading images with featurize's decoder."""
     import keras
 
-    from featurize.images import load_for_model
+    prepare = settings.model_input
 
     class Images(keras.utils.PyDataset):
         def __init__(self):
@@ -165,8 +163,7 @@ def image_dataset(paths, labels, root, settings, batch_size, augment, seed, shuf
         def __getitem__(self, i):
             idx = self.order[i * batch_size:(i + 1) * batch_size]
             rng = np.random.default_rng((seed, i, int(self.rng.integers(1 << 30))))
-            arrays = [load_for_model(str(Path(root) / paths[j]), settings.input_size,
-                                     settings.crop or None) for j in idx]
+            arrays = [prepare(str(Path(root) / paths[j])) for j in idx]
             if augment:
                 arrays = [_augment(a, rng) for a in arrays]
             return np.stack(arrays), np.asarray(labels)[idx]
@@ -179,14 +176,14 @@ def _augment(arr, rng):
     from PIL import Image
     if rng.random() < 0.5:
         arr = arr[:, ::-1]
-    size = arr.shape[0]
+    h, w = arr.shape[:2]
     scale = rng.uniform(0.9, 1.1)
-    dx, dy = rng.uniform(-0.08, 0.08, 2) * size
-    c = size / 2
+    dx, dy = rng.uniform(-0.08, 0.08, 2) * (w, h)
+    cx, cy = w / 2, h / 2
     # inverse affine map (output -> input) of a scale about the centre plus a shift
-    coeffs = (1 / scale, 0, c - (c + dx) / scale, 0, 1 / scale, c - (c + dy) / scale)
+    coeffs = (1 / scale, 0, cx - (cx + dx) / scale, 0, 1 / scale, cy - (cy + dy) / scale)
     im = Image.fromarray(np.ascontiguousarray(arr)).transform(
-        (size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR)
+        (w, h), Image.AFFINE, coeffs, resample=Image.BILINEAR)
     return np.asarray(im)
 
 
@@ -326,6 +323,8 @@ def finetune(run_dir, unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, v
                       pool=None if settings.pooling == "none" else settings.pooling,
                       input_size=settings.input_size, crop=settings.crop or None,
                       precision=settings.precision, progress=False,
+                      resize="device" if settings.model_input.source else "cpu",
+                      source_size=settings.model_input.source,
                       cache_dir=Path(record["cache"]).parent)
         result["cache"] = s.path
     return result

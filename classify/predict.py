@@ -7,7 +7,7 @@ import functools
 import numpy as np
 
 from featurize.extractor import EmbeddingSettings, extractor_for
-from featurize.images import collect, load_for_model
+from featurize.images import collect
 from featurize.pipeline import batches
 
 from . import heads, runs
@@ -49,8 +49,8 @@ class _WholeModel:
 
     def __init__(self, model, settings):
         self.model = model
-        self.prepare = functools.partial(load_for_model, size=settings.input_size,
-                                         crop=settings.crop or None)
+        self.prepare = settings.model_input
+        self.input_shape = self.prepare.shape
 
     def embed(self, batch):
         return np.asarray(self.model.predict_on_batch(batch))

@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="average with the mirrored image")
     p.add_argument("--precision", choices=["float32", "mixed"], default="float32")
     p.add_argument("--jitter", type=int, default=0, help="dlib-resnet: jittered descriptors")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--resize", choices=["cpu", "device"], default="cpu",
+                   help="where to crop and resize: cpu (Pillow) or device (in the model, on the "
+                        "GPU; from the first image's size: for folders of one image size)")
+    p.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 32 on a CPU")
     p.add_argument("--workers", type=int, help="decoding workers (default: CPU count)")
     p.add_argument("--out", help="cache file (default: derived from dataset and settings)")
     p.add_argument("--cache-dir", default=str(cache.DEFAULT_DIR), help="default: %(default)s")
@@ -84,7 +87,7 @@ def _featurize(args) -> int:
                   pool=args.pool, input_size=args.input_size, crop=args.crop, flip=args.flip,
                   precision=args.precision, jitter=args.jitter, batch_size=args.batch_size,
                   workers=args.workers, out=args.out, cache_dir=args.cache_dir,
-                  progress=not args.quiet, flush_rows=args.checkpoint_rows)
+                  progress=not args.quiet, flush_rows=args.checkpoint_rows, resize=args.resize)
     for key, reason in list(s.failed.items())[:10]:
         print(f"warning: {key}: {reason}", file=sys.stderr)
     if len(s.failed) > 10:

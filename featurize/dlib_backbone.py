@@ -60,8 +60,8 @@ def face_chip(rgb: np.ndarray) -> tuple[np.ndarray, bool]:
 
 def describe(path: str, jitter: int = 0) -> np.ndarray:
     """One image file -> its 128-D descriptor (runs in a worker process)."""
-    from .images import open_rgb
-    chip, _ = face_chip(np.asarray(open_rgb(path)))
+    from .images import read_rgb
+    chip, _ = face_chip(read_rgb(path))
     _, _, net = _models()
     return np.asarray(net.compute_face_descriptor(chip, jitter), dtype=np.float32)
 

@@ -15,9 +15,11 @@ from dataclasses import asdict, dataclass
 
 from .backbones import Backbone, get_backbone, keras_layer_name
 from .errors import UserError
+from .images import ModelInput
 from .weights import RANDOM_SEED, Weights, load_into, resolve
 
 RESIZE = "pil-bilinear"  # part of the key: a different resize gives different embeddings
+DEVICE_RESIZE = "device-bilinear-{}x{}"  # antialiased bilinear in the model, from (h, w)
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,24 @@ class EmbeddingSettings:
     def spec(self) -> Backbone:
         return get_backbone(self.backbone)
 
+    @property
+    def model_input(self) -> ModelInput:
+        """What the CPU does to each image file before the model sees it."""
+        source = None
+        if self.resize.startswith("device-"):
+            h, w = self.resize.rsplit("-", 1)[1].split("x")
+            source = (int(h), int(w))
+        return ModelInput(self.input_size, self.crop or None, source)
+
 
 def make_settings(backbone="vggface-resnet50", weights="default", layer=None, pool=None,
                   input_size=None, crop=None, flip=False, precision="float32", jitter=0,
-                  download=True) -> tuple[EmbeddingSettings, Weights]:
-    """Validate the options and resolve the weights; no Keras import."""
+                  download=True, source_size=None) -> tuple[EmbeddingSettings, Weights]:
+    """Validate the options and resolve the weights; no Keras import.
+
+    source_size (height, width): crop and resize on the accelerator, from images brought to
+    that size (see `ModelInput`); None resizes on the CPU with Pillow.
+    """
     spec = get_backbone(backbone)
     if crop is not None and not 0 < crop <= 1:
         raise UserError(f"--crop must be a fraction in (0, 1], not {crop}.")
@@ -65,9 +80,10 @@ def make_settings(backbone="vggface-resnet50", weights="default", layer=None, po
     if precision not in ("float32", "mixed"):
         raise UserError(f"--precision must be float32 or mixed, not {precision!r}.")
     if spec.family == "dlib":
-        if layer or pool or input_size or flip or crop:
-            raise UserError("dlib-resnet takes no --layer/--pool/--input-size/--flip/--crop: it "
-                            "aligns a 150x150 face chip itself (use --jitter N to average).")
+        if layer or pool or input_size or flip or crop or source_size:
+            raise UserError("dlib-resnet takes no --layer/--pool/--input-size/--flip/--crop/"
+                            "--resize: it aligns a 150x150 face chip itself (use --jitter N to "
+                            "average).")
     elif jitter:
         raise UserError("--jitter is for the dlib-resnet backbone only.")
     include_top = bool(layer) and _is_top_layer(spec, layer)
@@ -80,7 +96,8 @@ def make_settings(backbone="vggface-resnet50", weights="default", layer=None, po
         weights_file=(w.path.rsplit("/", 1)[-1] if w.path else w.kind), layer=layer or "",
         pooling="none" if spec.family == "dlib" else (pool or spec.default_pool),
         input_size=input_size or spec.input_size, crop=float(crop or 0.0), flip=bool(flip),
-        preprocessing=spec.preprocessing, precision=precision, jitter=int(jitter))
+        preprocessing=spec.preprocessing, precision=precision, jitter=int(jitter),
+        resize=DEVICE_RESIZE.format(*source_size) if source_size else RESIZE)
     return settings, w
 
 
@@ -100,15 +117,20 @@ class KerasExtractor:
 
     def __init__(self, settings: EmbeddingSettings, weights: Weights):
         self.settings = settings
-        self.input_size = settings.input_size
+        self.prepare = settings.model_input  # picklable: runs in worker processes
+        self.input_shape = self.prepare.shape
+        self.overlap_upload = accelerator()  # see featurize.pipeline
         self.model = build_embedding_model(settings, weights)
         self.dim = int(self.model.output.shape[-1])
 
-    def prepare(self, path: str):
-        from .images import load_for_model
-        return load_for_model(path, self.input_size, self.settings.crop or None)
+    @staticmethod
+    def to_device(batch):
+        """The batch as a backend tensor (on the accelerator, if there is one)."""
+        import keras
+        return keras.ops.convert_to_tensor(batch)
 
     def embed(self, batch):
+        """Embeddings of a uint8 batch (a NumPy array or a `to_device` tensor)."""
         import numpy as np
         return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
 
@@ -156,6 +178,26 @@ def pool_features(features, pooling: str, **layer_kwargs):
     return layers.Flatten(**layer_kwargs)(features)
 
 
+def accelerator() -> bool:
+    """Whether Keras's backend runs on a GPU or TPU here."""
+    import keras
+    try:
+        devices = keras.distribution.list_devices()
+    except (NotImplementedError, AttributeError):  # a backend without distribution support
+        return keras.backend.backend() == "torch" and _torch_cuda()
+    return bool(devices) and not devices[0].lower().startswith("cpu")
+
+
+def _torch_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def default_batch_size() -> int:
+    """256 on an accelerator (fills it; one fixed shape, so one compilation), 32 on a CPU."""
+    return 256 if accelerator() else 32
+
+
 @contextmanager
 def precision(name: str):
     """Layers built inside get the precision's dtype policy; the global policy is restored."""
@@ -179,13 +221,9 @@ def _build_embedding_model(settings: EmbeddingSettings, weights: Weights):
     import keras
     from keras import layers, ops
 
-    from .preprocessing import ImagePreprocessing
-
     base = build_base(settings, weights)
     base.trainable = False
-    size = settings.input_size
-    images = keras.Input((size, size, 3), dtype="uint8", name="image")
-    x = ImagePreprocessing(settings.preprocessing, name="preprocessing")(images)
+    images, x = image_input(settings)
 
     def pooled(t):
         return pool_features(base(t, training=False), settings.pooling, dtype="float32")
@@ -194,6 +232,30 @@ def _build_embedding_model(settings: EmbeddingSettings, weights: Weights):
     if settings.flip:
         y = layers.Average(name="flip_average", dtype="float32")([y, pooled(ops.flip(x, axis=2))])
     return keras.Model(images, y, name=f"{settings.spec.short_name}_embedding")
+
+
+def image_input(settings: EmbeddingSettings):
+    """A model's uint8 image input, and what the backbone gets from it: the backbone's
+    preprocessing, then the crop and resize when they run on the accelerator."""
+    import keras
+
+    from .images import crop_box
+    from .preprocessing import ImagePreprocessing
+
+    prep = settings.model_input
+    images = keras.Input(prep.shape, dtype="uint8", name="image")
+    # Per-pixel affine preprocessing commutes with crop and resize, and gives them floats.
+    x = ImagePreprocessing(settings.preprocessing, name="preprocessing")(images)
+    if prep.source:
+        h, w = prep.source
+        if prep.crop:
+            top, left, ch, cw = crop_box(h, w, prep.crop)
+            x = keras.layers.Cropping2D(((top, h - top - ch), (left, w - left - cw)),
+                                        dtype="float32", name="crop")(x)
+        # antialiased, like Pillow's bilinear: a shrink averages, it does not skip pixels
+        x = keras.layers.Resizing(prep.size, prep.size, interpolation="bilinear",
+                                  antialias=True, dtype="float32", name="resize")(x)
+    return images, x
 
 
 def weights_for(settings: EmbeddingSettings, weights_path: str = "") -> Weights:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -12,6 +13,11 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .errors import UserError
+
+try:  # libjpeg-turbo without Pillow's per-image overhead; optional, Pillow reads everything
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheel
+    simplejpeg = None
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 80_000_000  # bigger images are refused, not decoded (decompression bombs)
@@ -140,8 +146,17 @@ def collect(inputs) -> list[Item]:
     return [replace(_item(".", p, None), key=p) for p in paths]
 
 
-def open_rgb(path: str, draft_size: int | None = None) -> Image.Image:
-    """Decode one image to RGB, EXIF orientation applied; ImageError with a short reason."""
+def read_rgb(path: str, draft_size: int | None = None) -> np.ndarray:
+    """Decode one image to an RGB uint8 array, EXIF orientation applied; ImageError with a
+    short reason. Plain JPEGs take the fast path, with the same pixels as Pillow's."""
+    data = _read(path)
+    pixels = _decode_plain_jpeg(data, draft_size)
+    if pixels is not None:
+        return pixels
+    return np.asarray(open_rgb(path, draft_size, data))
+
+
+def _read(path: str) -> bytes:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -153,7 +168,54 @@ def open_rgb(path: str, draft_size: int | None = None) -> Image.Image:
     if st.st_size == 0:
         raise ImageError("empty file")
     try:
-        with Image.open(path) as im:
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:
+        raise ImageError(f"cannot read: {e.strerror}") from None
+
+
+def _decode_plain_jpeg(data: bytes, draft_size: int | None) -> np.ndarray | None:
+    """simplejpeg's decode where it is exactly Pillow's: a YCbCr or grey JPEG with no EXIF
+    (no orientation to apply) that Pillow would not draft-scale; else None (use Pillow)."""
+    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff") or _has_exif(data):
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray") or w * h > MAX_PIXELS:
+            return None
+        if draft_size and min(w // draft_size, h // draft_size) >= 2:
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except (ValueError, OSError):  # Pillow decides what is wrong with it, and says so
+        return None
+
+
+def _has_exif(data: bytes) -> bool:
+    """Whether an APP1 Exif segment comes before the image data (marker walk, no decode)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xDA:  # start of scan: no more metadata
+            return False
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and data[i + 4:i + 10].startswith(b"Exif"):
+            return True
+        i += 2 + length
+    return True  # unparseable: let Pillow look
+
+
+def open_rgb(path: str, draft_size: int | None = None, data: bytes | None = None) -> Image.Image:
+    """Decode one image with Pillow to RGB, EXIF orientation applied; ImageError with a
+    short reason."""
+    if data is None:
+        data = _read(path)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"too large ({w}x{h} pixels, limit {MAX_PIXELS})")
@@ -167,12 +229,10 @@ def open_rgb(path: str, draft_size: int | None = None) -> Image.Image:
             return _to_rgb(im)
     except ImageError:
         raise
-    except PermissionError:
-        raise ImageError("permission denied") from None
     except Image.DecompressionBombError:
         raise ImageError("too large (decompression bomb)") from None
     except Image.UnidentifiedImageError:
-        if _has_image_signature(path):
+        if data.startswith(_SIGNATURES):
             raise ImageError("corrupt: unreadable header") from None
         raise ImageError("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -180,15 +240,6 @@ def open_rgb(path: str, draft_size: int | None = None) -> Image.Image:
 
 
 _SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
-
-
-def _has_image_signature(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-    except OSError:
-        return False
-    return head.startswith(_SIGNATURES)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -205,19 +256,57 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def fit(im: Image.Image, size: int, crop: float | None = None) -> np.ndarray:
-    """Centre-crop a fraction `crop`, then resize to size x size (untouched if already so)."""
+def fit(pixels: np.ndarray, size, crop: float | None = None) -> np.ndarray:
+    """Centre-crop a fraction `crop`, then resize with Pillow's bilinear filter to `size`
+    (a side, or (height, width)); untouched if already that size."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if not crop and pixels.shape[:2] == (h, w):
+        return pixels
+    im = Image.fromarray(pixels)
     if crop:
-        w, h = im.size
-        cw, ch = max(1, round(w * crop)), max(1, round(h * crop))
-        left, top = (w - cw) // 2, (h - ch) // 2
+        top, left, ch, cw = crop_box(pixels.shape[0], pixels.shape[1], crop)
         im = im.crop((left, top, left + cw, top + ch))
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BILINEAR)
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
+
+
+def crop_box(h: int, w: int, crop: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the centred `crop` fraction; the model's crop uses it too."""
+    ch, cw = max(1, round(h * crop)), max(1, round(w * crop))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
 def load_for_model(path: str, size: int, crop: float | None = None) -> np.ndarray:
     """The (size, size, 3) uint8 array a Keras backbone is fed for one image file."""
     draft = math.ceil(size / crop) if crop else size
-    return fit(open_rgb(path, draft_size=draft), size, crop)
+    return fit(read_rgb(path, draft_size=draft), size, crop)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """How an image file becomes the fixed-shape uint8 array a model is fed; picklable, so
+    worker processes can run it.
+
+    With `source` (height, width) set, cropping and resizing happen in the model on the
+    accelerator: here images are only decoded (and, if their size differs, brought to
+    `source` first), which is most of what a CPU saves on a GPU machine.
+    """
+
+    size: int
+    crop: float | None = None
+    source: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*(self.source or (self.size, self.size)), 3)
+
+    def __call__(self, path: str) -> np.ndarray:
+        if self.source is None:
+            return load_for_model(path, self.size, self.crop)
+        return fit(read_rgb(path, draft_size=max(self.source)), self.source)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image as the model sees it (EXIF orientation applied)."""
+    return read_rgb(path).shape[:2]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from . import cache
 from .errors import UserError
-from .extractor import build_extractor, make_settings
-from .images import list_dataset
+from .extractor import build_extractor, default_batch_size, make_settings
+from .images import ImageError, image_size, list_dataset
 from .pipeline import batches
 
 
@@ -62,15 +62,23 @@ def _version(dist: str) -> str:
 
 def featurize(source, backbone="vggface-resnet50", weights="default", layer=None, pool=None,
               input_size=None, crop=None, flip=False, precision="float32", jitter=0,
-              batch_size=32, workers=None, out=None, cache_dir=cache.DEFAULT_DIR,
-              progress=True, flush_rows=1024) -> Summary:
-    """Embed every image of `source` once into an HDF5 cache; re-runs only do what changed."""
+              batch_size=None, workers=None, out=None, cache_dir=cache.DEFAULT_DIR,
+              progress=True, flush_rows=1024, resize="cpu", source_size=None) -> Summary:
+    """Embed every image of `source` once into an HDF5 cache; re-runs only do what changed.
+
+    resize="device" crops and resizes on the accelerator, from the size of the dataset's
+    first image (or `source_size`); batch_size None picks one for the machine.
+    """
     start = time.perf_counter()
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}.")
+    if resize not in ("cpu", "device"):
+        raise UserError(f"--resize must be cpu or device, not {resize!r}.")
     dataset = list_dataset(source)
+    if resize == "device" and source_size is None:
+        source_size = _first_image_size(dataset)
     settings, w = make_settings(backbone, weights, layer, pool, input_size, crop, flip,
-                                precision, jitter)
+                                precision, jitter, source_size=source_size)
     path = Path(out) if out else cache.default_path(dataset.name, settings, cache_dir)
     summary = Summary(path, total=len(dataset.items))
     _check_writable(path)
@@ -86,7 +94,8 @@ def featurize(source, backbone="vggface-resnet50", weights="default", layer=None
         journal = cache.Journal(path, settings, flush_rows=flush_rows)
         try:
             bar = _progress(len(todo), progress)
-            for batch in (batches(todo, extractor, batch_size, workers) if todo else ()):
+            size = batch_size or default_batch_size()
+            for batch in (batches(todo, extractor, size, workers) if todo else ()):
                 journal.add(batch.items, batch.embeddings)
                 for item, reason in batch.failed:
                     journal.fail(item, reason)
@@ -104,6 +113,17 @@ def featurize(source, backbone="vggface-resnet50", weights="default", layer=None
             summary.failed_total = counts["failed"]
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _first_image_size(dataset) -> tuple[int, int]:
+    """The (height, width) every image is brought to before the model resizes it."""
+    for item in dataset.items[:100]:
+        try:
+            return image_size(item.path)
+        except ImageError:
+            continue
+    raise UserError(f"none of the first images of {dataset.root} could be read to learn the "
+                    "size for --resize device; use --resize cpu.")
 
 
 def _check_writable(path: Path):
