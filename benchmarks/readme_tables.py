@@ -24,6 +24,10 @@ def machine(r) -> str:
     return f"{m['cpus']}-core CPU, {m.get('backend', '-')}"
 
 
+def img_s(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
 def lfw_tables(out):
     r = load("lfw_dlib_resnet")
     if not r:
@@ -92,9 +96,10 @@ def speed_tables(out):
         out.append(f"| featurize `{t['backbone']}` {t['precision']}, resize on the "
                    f"{'accelerator' if t['resize'] == 'device' else 'CPU'}, {t['input_size']}px, "
                    f"{t['images']:,} LFW images, batch {t['batch_size']} | "
-                   f"**{t['end_to_end_img_s']:,.0f} img/s** = {t['ratio_to_ceiling']:.0%} of "
-                   f"min(model {t['model_img_s']:,.0f}, decode {t['decode_all_workers_img_s']:,.0f}) "
-                   f"({t['end_to_end_wall_img_s']:,.0f} img/s counting the workers' start); "
+                   f"**{img_s(t['end_to_end_img_s'])} img/s** = {t['ratio_to_ceiling']:.0%} of "
+                   f"min(model {img_s(t['model_img_s'])}, decode "
+                   f"{img_s(t['decode_all_workers_img_s'])}) "
+                   f"({img_s(t['end_to_end_wall_img_s'])} img/s counting the workers' start); "
                    f"compile {t['compile_seconds']:.1f} s{gpu}. Decoding with {t['workers']} "
                    f"workers: Pillow {dec['pillow']['all_workers_img_s']:,.0f}, fast path "
                    f"{dec['fast']['all_workers_img_s']:,.0f}, fast path without the resize "

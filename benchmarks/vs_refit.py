@@ -55,7 +55,9 @@ def main():
     p.add_argument("--backbone", default="vggface-resnet50")
     p.add_argument("--weights", default="none")
     p.add_argument("--input-size", type=int, default=96)
-    p.add_argument("--images", type=int, default=128)
+    p.add_argument("--images", type=int, default=128,
+                   help="at most this many, the same number from each of the 7 people with 70 "
+                        "or more images (497 at most)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lfw")
