@@ -141,16 +141,26 @@ def _wait_for_parts(cache_dir, n, proc, timeout=120):
     return 0
 
 
-def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_one(tmp_path):
+def _shared_memory() -> set:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("psm_*")} if shm.is_dir() else set()
+
+
+@pytest.mark.parametrize("workers", ["2", "4"])  # decoding threads; processes + shared memory
+def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_one(tmp_path,
+                                                                                    workers):
     folder = make_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=40)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(_cli(folder, tmp_path / "c", "--batch-size", "2",
-                                 "--checkpoint-rows", "2"), env=env, cwd=tmp_path,
+    before = _shared_memory()
+    proc = subprocess.Popen(_cli(folder, tmp_path / "c", "--batch-size", "2", "--workers",
+                                 workers, "--checkpoint-rows", "2"), env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for_parts(tmp_path / "c", 2, proc) >= 2
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted, progress saved" in out
+    assert "Traceback" not in err and "leaked" not in err, err
+    assert _shared_memory() <= before  # every batch buffer unlinked
     path = next((tmp_path / "c").glob("*.h5"))
     partial = cache.read(path)
     assert 0 < len(partial.paths) < 160 and not cache.parts_dir(path).exists()
