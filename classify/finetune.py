@@ -246,7 +246,8 @@ def finetune(run_dir, unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, v
     before_scores = model.predict(test_ds, verbose=0)
     head_scores = pipeline.predict_proba(c.embeddings[[index[p] for p in test_paths]])
     gap = float(np.abs(before_scores - head_scores).max())
-    if gap > 1e-3:
+    # A wrong model is off by far more; GPUs' TF32 convolutions move probabilities ~2e-3.
+    if gap > 1e-2:
         raise UserError(f"the assembled model does not reproduce the run's predictions (max "
                         f"difference {gap:.2e}); the cache may be out of date: re-run featurize "
                         "and train the head again.")

@@ -78,5 +78,10 @@ class DlibExtractor:
         self.prepare = functools.partial(describe, jitter=settings.jitter)
 
     @staticmethod
+    def provenance() -> dict:
+        import dlib
+        return {"dlib_version": dlib.__version__}
+
+    @staticmethod
     def embed(batch):
         return np.asarray(batch, dtype=np.float32)

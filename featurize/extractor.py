@@ -124,6 +124,11 @@ class KerasExtractor:
         self.dim = int(self.model.output.shape[-1])
 
     @staticmethod
+    def provenance() -> dict:
+        import keras
+        return {"keras_version": keras.__version__, "backend": keras.backend.backend()}
+
+    @staticmethod
     def to_device(batch):
         """The batch as a backend tensor (on the accelerator, if there is one)."""
         import keras

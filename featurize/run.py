@@ -44,12 +44,8 @@ def _sigterm_as_interrupt():
 
 def provenance(extractor=None) -> dict:
     out = {"featurize_version": _version("featurize-embeddings"), "python": sys.version.split()[0]}
-    if extractor is not None and hasattr(extractor, "model"):
-        import keras
-        out.update(keras_version=keras.__version__, backend=keras.backend.backend())
-    elif extractor is not None:
-        import dlib
-        out.update(dlib_version=dlib.__version__)
+    if extractor is not None and hasattr(extractor, "provenance"):
+        out.update(extractor.provenance())  # the versions of what computed the embeddings
     return out
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import same
 from classify.cli import main
 from classify.finetune import finetune
 from classify.runs import load
@@ -118,7 +119,7 @@ def test_saved_model_reloads_predicts_identically_and_is_a_run(finetuned, run_di
     assert main(["predict", str(image), "--run", str(new), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["top"][0]["probability"] == pytest.approx(
-        float(model.predict(batch, verbose=0).max()), abs=1e-5)
+        float(model.predict(batch, verbose=0).max()), abs=same(1e-5))
     assert main(["runs", "--runs-dir", str(new.parent)]) == 0
     assert "finetune" in capsys.readouterr().out
 

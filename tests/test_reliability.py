@@ -150,7 +150,7 @@ def _shared_memory() -> set:
 def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_one(tmp_path,
                                                                                     workers):
     folder = make_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=40)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     before = _shared_memory()
     proc = subprocess.Popen(_cli(folder, tmp_path / "c", "--batch-size", "2", "--workers",
                                  workers, "--checkpoint-rows", "2"), env=env, cwd=tmp_path,
@@ -176,7 +176,7 @@ def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_
 
 def test_sigkill_at_several_moments_never_leaves_an_unreadable_cache(tmp_path):
     folder = make_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=40)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = _cli(folder, tmp_path / "c", "--batch-size", "2", "--checkpoint-rows", "2")
     seen = []
     for parts in (1, 3, 6):
