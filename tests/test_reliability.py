@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import make_folder, write_image
+from conftest import make_folder, same, write_image
 from featurize import cache
 from featurize.cli import main
 from featurize.errors import UserError
@@ -158,6 +158,8 @@ def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_
     assert _wait_for_parts(tmp_path / "c", 2, proc) >= 2
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0 and "done:" in out:  # a GPU embeds all 160 before the signal lands
+        pytest.skip("the run finished before it could be interrupted (fast machine)")
     assert proc.returncode == 130 and "interrupted, progress saved" in out
     assert "Traceback" not in err and "leaked" not in err, err
     assert _shared_memory() <= before  # every batch buffer unlinked
@@ -171,7 +173,8 @@ def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_
                           capture_output=True).returncode == 0
     resumed, fresh = cache.read(path), cache.read(next((tmp_path / "fresh").glob("*.h5")))
     assert resumed.paths == fresh.paths and list(resumed.labels) == list(fresh.labels)
-    np.testing.assert_allclose(resumed.embeddings, fresh.embeddings, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(resumed.embeddings, fresh.embeddings, rtol=same(1e-5),
+                               atol=same(1e-6))
 
 
 def test_sigkill_at_several_moments_never_leaves_an_unreadable_cache(tmp_path):
