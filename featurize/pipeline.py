@@ -67,21 +67,25 @@ def _pool(workers: int, processes: bool) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
 
 
-def executor(extractor, workers=None) -> Executor:
+def _wants_processes(extractor, workers: int, n_items: int) -> bool:
     """Processes for extractors that need them (dlib is neither thread-safe nor releases
-    the GIL) or for many workers; else threads."""
-    workers = workers or default_workers()
-    processes = getattr(extractor, "parallel", "thread") == "process"
-    return _pool(workers, processes or workers >= PROCESS_MIN_WORKERS)
+    the GIL), or for many workers on more than a handful of images; else threads."""
+    if getattr(extractor, "parallel", "thread") == "process":
+        return True
+    return workers >= PROCESS_MIN_WORKERS and n_items > CHUNK
 
 
 def batches(items, extractor, batch_size=32, workers=None, prefetch_batches=2):
     """Yield a `Batch` per `batch_size` items, in order."""
-    workers = workers or default_workers()
-    if getattr(extractor, "input_shape", None) is None:
-        yield from _object_batches(items, extractor, batch_size, workers, prefetch_batches)
-    else:
-        yield from _array_batches(list(items), extractor, batch_size, workers, prefetch_batches)
+    workers, items = workers or default_workers(), list(items)
+    pool = _pool(workers, _wants_processes(extractor, workers, len(items)))
+    try:
+        if getattr(extractor, "input_shape", None) is None:
+            yield from _object_batches(items, extractor, batch_size, pool, prefetch_batches)
+        else:
+            yield from _array_batches(items, extractor, batch_size, pool, prefetch_batches)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- extractors fed fixed-shape uint8 arrays ----------------------------------------------------
@@ -124,10 +128,7 @@ def _fill(target, start, prepare, paths) -> list:
     reasons = []
     for row, path in enumerate(paths, start):
         pixels, reason = _safe(prepare, path)
-        if reason is None:
-            target[row] = pixels
-        else:
-            target[row] = 0
+        target[row] = pixels if reason is None else 0
         reasons.append(reason)
     return reasons
 
@@ -136,11 +137,11 @@ def _embed(extractor, data):
     return extractor.embed(data.result() if isinstance(data, Future) else data)
 
 
-def _array_batches(items, extractor, batch_size, workers, prefetch):
+def _array_batches(items, extractor, batch_size, pool, prefetch):
     groups = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     if not groups:
         return
-    processes = workers >= PROCESS_MIN_WORKERS and len(items) > CHUNK
+    processes = isinstance(pool, ProcessPoolExecutor)
     # On an accelerator batch k+1 is copied to it while batch k is computed (the model itself
     # takes one call at a time); each of the two needs its own buffer, as does each batch
     # being decoded.
@@ -148,7 +149,6 @@ def _array_batches(items, extractor, batch_size, workers, prefetch):
     depth = 2 if overlap else 1
     slots = min(len(groups), prefetch + depth + 1)
     ring = [_Buffer((batch_size, *extractor.input_shape), processes) for _ in range(slots)]
-    pool = _pool(workers, processes)
     model = ThreadPoolExecutor(1)
     uploader = ThreadPoolExecutor(1) if overlap else None
     filling, in_model = {}, deque()
@@ -186,7 +186,7 @@ def _array_batches(items, extractor, batch_size, workers, prefetch):
         for futures in filling.values():
             for f in futures:
                 f.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # no worker may still write to a buffer
         model.shutdown(wait=True, cancel_futures=True)
         if uploader:
             uploader.shutdown(wait=True, cancel_futures=True)
@@ -196,8 +196,7 @@ def _array_batches(items, extractor, batch_size, workers, prefetch):
 
 # --- extractors whose workers return anything (dlib: the descriptor itself) ---------------------
 
-def _object_batches(items, extractor, batch_size, workers, prefetch_batches):
-    pool = executor(extractor, workers)
+def _object_batches(items, extractor, batch_size, pool, prefetch_batches):
     window = deque()
     pending = iter(items)
     limit = batch_size * (prefetch_batches + 1)
@@ -226,4 +225,3 @@ def _object_batches(items, extractor, batch_size, workers, prefetch_batches):
     finally:
         for _, future in window:
             future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,6 +1,7 @@
 """Feeding the model: the fast JPEG path gives Pillow's pixels, the resize on the accelerator
 gives Pillow's resize, and worker processes give what threads give."""
 
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_resize_in_the_model_matches_pillows_resize(tmp_path, crop):
     front = keras.Model(images, x)
     rgb = np.stack([photo(seed=s) for s in range(3)])
     got = np.asarray(front.predict_on_batch(rgb))
-    none = EmbeddingSettings(**{**settings.__dict__, "resize": "pil-bilinear"})
+    none = replace(settings, resize="pil-bilinear")
     images, x = image_input(none)  # the CPU path's model: preprocessing only
     cpu = keras.Model(images, x).predict_on_batch(np.stack([fit(a, 48, crop) for a in rgb]))
     diff = np.abs(got - np.asarray(cpu))
