@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from featurize.cli import command_line
 from featurize.errors import run_command
 
 from . import heads, runs
@@ -72,8 +73,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "train"
     rest = argv[1:] if command != "train" else argv
-    return run_command({"train": _train, "runs": _runs, "predict": _predict, "verify": _verify,
-                        "finetune": _finetune}[command], rest)
+    with command_line():  # SIGTERM as Ctrl-C, no TensorFlow start-up lines
+        return run_command({"train": _train, "runs": _runs, "predict": _predict,
+                            "verify": _verify, "finetune": _finetune}[command], rest)
 
 
 def _train(argv) -> int:

@@ -44,6 +44,9 @@ class Backbone:
     top_weights: WeightFile | None = None
     blocks: tuple[str, ...] = ()  # layer-name prefixes of the blocks, bottom to top
     top_layers: tuple[str, ...] = ()  # layers that exist only with the classifier top
+    # The smallest input side the architecture accepts (5 stride-2 stages: 32; Keras's own
+    # limits for the Inception family and Xception).
+    min_input_size: int = 32
 
     @property
     def short_name(self) -> str:
@@ -162,11 +165,13 @@ _KERAS_BLOCKS = {
     "xception": tuple(f"block{i}_" for i in range(1, 15)),
 }
 
+_KERAS_MIN_SIZES = {"inceptionv3": 75, "inceptionresnetv2": 75, "xception": 71}
+
 for _name, (_module, _func, _size, _dim) in _KERAS_APPS.items():
     BACKBONES.setdefault(_name, Backbone(
         name=_name, family="keras", builder=f"keras.applications.{_module}:{_func}",
         input_size=_size, preprocessing=f"keras.applications.{_module}", embedding_dim=_dim,
-        blocks=_KERAS_BLOCKS.get(_name, ())))
+        blocks=_KERAS_BLOCKS.get(_name, ()), min_input_size=_KERAS_MIN_SIZES.get(_name, 32)))
 
 DEFAULT_BACKBONE = "vggface-resnet50"
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from . import cache
 from .backbones import BACKBONES, DEFAULT_BACKBONE
-from .errors import run_command
+from .errors import ArgumentParser, run_command
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m featurize",
         description="Embed every image of a folder once with a frozen backbone and cache the "
-                    "embeddings to HDF5. Re-running embeds only new or changed files.")
+                    "embeddings to HDF5. Re-running embeds only new or changed files.",
+        epilog="Check a cache: python -m featurize verify CACHE [--sample K] "
+               "(see python -m featurize verify --help).")
     p.add_argument("source", nargs="?", help="folder of class folders, flat folder, or list file")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="default: %(default)s")
     p.add_argument("--weights", default="default",
@@ -43,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m featurize verify",
+def _verify_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m featurize verify",
                                 description="Check a cache: shapes, finite rows, files present, "
                                             "and optionally re-embed a sample and compare.")
     p.add_argument("cache")
@@ -62,7 +68,66 @@ def list_backbones() -> str:
 
 
 def main(argv=None) -> int:
-    return run_command(_main, list(sys.argv[1:] if argv is None else argv))
+    with command_line():
+        return run_command(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+@contextmanager
+def command_line():
+    """What only a command line may do to its process: SIGTERM ends a run like Ctrl-C (the
+    work done so far is committed first), and TensorFlow's start-up log lines are kept out
+    of the output. Both CLIs run inside it; the Python API never does."""
+    quiet = _QuietTensorFlowImport()
+    sys.meta_path.insert(0, quiet)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if quiet in sys.meta_path:
+            sys.meta_path.remove(quiet)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class _QuietTensorFlowImport:
+    """Importing TensorFlow prints C++ log lines (oneDNN, CPU features) that no environment
+    variable silences in TF 2.21; they would land in the middle of progress bars. While
+    `tensorflow` itself is imported, file descriptor 2 points at /dev/null. Python errors of
+    the import still propagate as exceptions."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            with _stderr_silenced():
+                run(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+@contextmanager
+def _stderr_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _main(argv) -> int:
@@ -77,7 +142,7 @@ def _main(argv) -> int:
         print(list_backbones())
         return 0
     if not args.source:
-        _parser().error("give a folder of images (or --list-backbones)")
+        _parser().error("give a folder of images (or --list-backbones, or verify CACHE)")
     return _featurize(args)
 
 
@@ -88,13 +153,16 @@ def _featurize(args) -> int:
                   precision=args.precision, jitter=args.jitter, batch_size=args.batch_size,
                   workers=args.workers, out=args.out, cache_dir=args.cache_dir,
                   progress=not args.quiet, flush_rows=args.checkpoint_rows, resize=args.resize)
+    for note in s.notes:
+        print(f"warning: {note}", file=sys.stderr)
     for key, reason in list(s.failed.items())[:10]:
         print(f"warning: {key}: {reason}", file=sys.stderr)
     if len(s.failed) > 10:
         print(f"warning: ... and {len(s.failed) - 10} more failed images", file=sys.stderr)
     state = "interrupted, progress saved; run again to resume" if s.interrupted else "done"
     print(f"{state}: {s.total} images, {s.embedded} embedded, {s.reused} already cached, "
-          f"{s.failed_total} failed ({s.seconds:.1f} s)\ncache: {s.path}")
+          f"{s.failed_total} failed ({s.seconds:.1f} s)")
+    print(f"cache: {s.path}" if s.committed else "cache: none written yet (nothing embedded)")
     if s.interrupted:
         return 130
     return 1 if args.strict and s.failed_total else 0

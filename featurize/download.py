@@ -32,6 +32,19 @@ def network_timeout(seconds: float = TIMEOUT_S):
         socket.setdefaulttimeout(previous)
 
 
+def cause(error: BaseException) -> str:
+    """The whole message of an error and of what caused it, on one line: a download error's
+    reason (DNS, proxy, certificate, checksum) is often in the last part."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = " ".join(str(error).split())
+        if text and not any(text in earlier for earlier in parts):
+            parts.append(text)
+        error = error.__cause__ or error.__context__
+    return ": ".join(parts) or "no reason given"
+
+
 def fetch(url: str, target: Path, sha256: str | None = None, hint: str = "") -> Path:
     """Download `url` to `target` unless it is already there, checking its SHA-256 if known.
 
@@ -49,5 +62,5 @@ def fetch(url: str, target: Path, sha256: str | None = None, hint: str = "") -> 
     except Exception as e:  # get_file raises plain Exception for network and checksum errors
         if sha256 and target.is_file() and sha256_of(target) != sha256:
             target.unlink()  # get_file leaves a corrupt download behind
-        raise UserError(f"could not download {url} ({str(e).splitlines()[0][:120]}); download "
-                        f"it yourself to {target}{hint}.") from None
+        raise UserError(f"could not download {url} ({cause(e)}); download it yourself to "
+                        f"{target}{hint}.") from None

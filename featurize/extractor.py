@@ -14,12 +14,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from .backbones import Backbone, get_backbone, keras_layer_name
-from .errors import UserError
+from .errors import UserError, check_range
 from .images import ModelInput
 from .weights import RANDOM_SEED, Weights, load_into, resolve
 
 RESIZE = "pil-bilinear"  # part of the key: a different resize gives different embeddings
 DEVICE_RESIZE = "device-bilinear-{}x{}"  # antialiased bilinear in the model, from (h, w)
+MAX_INPUT_SIZE = 2048  # a larger side is a typo, or a batch that does not fit in memory
+MAX_JITTER = 1000  # dlib computes every jittered copy: 1000 is already 1000x the time
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,11 @@ def make_settings(backbone="vggface-resnet50", weights="default", layer=None, po
     that size (see `ModelInput`); None resizes on the CPU with Pillow.
     """
     spec = get_backbone(backbone)
+    _check_input_size(spec, input_size)
+    check_range("--crop", crop, kind=float)
     if crop is not None and not 0 < crop <= 1:
         raise UserError(f"--crop must be a fraction in (0, 1], not {crop}.")
+    check_range("--jitter", jitter, 0, MAX_JITTER)
     if pool not in (None, "avg", "max"):
         raise UserError(f"--pool must be avg or max, not {pool!r}.")
     if precision not in ("float32", "mixed"):
@@ -99,6 +104,15 @@ def make_settings(backbone="vggface-resnet50", weights="default", layer=None, po
         preprocessing=spec.preprocessing, precision=precision, jitter=int(jitter),
         resize=DEVICE_RESIZE.format(*source_size) if source_size else RESIZE)
     return settings, w
+
+
+def _check_input_size(spec: Backbone, input_size):
+    if input_size is None:
+        return
+    check_range("--input-size", input_size, spec.min_input_size, MAX_INPUT_SIZE)
+    if spec.family == "file" and input_size != spec.input_size:
+        raise UserError(f"--input-size {input_size}: the model {spec.name} takes "
+                        f"{spec.input_size}x{spec.input_size} images; drop --input-size.")
 
 
 def _is_top_layer(spec: Backbone, layer: str) -> bool:
@@ -149,14 +163,14 @@ def build_base(settings: EmbeddingSettings, weights: Weights):
         keras.utils.set_random_seed(RANDOM_SEED)
     include_top = bool(settings.layer) and _is_top_layer(spec, settings.layer)
     if weights.kind == "imagenet":
-        from .download import network_timeout
+        from .download import cause, network_timeout
         try:
             with network_timeout():
                 base = spec.build(include_top, settings.input_size, imagenet=True)
         except Exception as e:
-            raise UserError(f"could not get the ImageNet weights of {spec.name} "
-                            f"({str(e).splitlines()[0][:120]}); connect to the internet once, "
-                            "or pass --weights PATH or --weights none.") from None
+            raise UserError(f"could not get the ImageNet weights of {spec.name} ({cause(e)}); "
+                            "connect to the internet once, or pass --weights PATH or "
+                            "--weights none.") from None
     else:
         base = spec.build(include_top=include_top, input_size=settings.input_size)
         load_into(base, spec, weights)

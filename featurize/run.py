@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
+import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from . import cache
-from .errors import UserError
+from .errors import UserError, check_range
 from .extractor import build_extractor, default_batch_size, make_settings
 from .images import ImageError, image_size, list_dataset
 from .pipeline import batches
@@ -27,19 +26,9 @@ class Summary:
     failed: dict = field(default_factory=dict)  # key -> reason, this run's new failures
     failed_total: int = 0
     interrupted: bool = False
+    committed: bool = False  # False: nothing could be embedded yet, no cache file written
     seconds: float = 0.0
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM ends a run like Ctrl-C: the work done so far is committed first."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    notes: list = field(default_factory=list)  # what the listing skipped, and why
 
 
 def provenance(extractor=None) -> dict:
@@ -56,6 +45,10 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+MAX_BATCH_SIZE = 8192
+MAX_WORKERS = 256
+
+
 def featurize(source, backbone="vggface-resnet50", weights="default", layer=None, pool=None,
               input_size=None, crop=None, flip=False, precision="float32", jitter=0,
               batch_size=None, workers=None, out=None, cache_dir=cache.DEFAULT_DIR,
@@ -63,52 +56,84 @@ def featurize(source, backbone="vggface-resnet50", weights="default", layer=None
     """Embed every image of `source` once into an HDF5 cache; re-runs only do what changed.
 
     resize="device" crops and resizes on the accelerator, from the size of the dataset's
-    first image (or `source_size`); batch_size None picks one for the machine.
+    first image (or `source_size`); batch_size None picks one for the machine. When no image
+    at all can be embedded, nothing is committed and a UserError says why.
     """
     start = time.perf_counter()
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}.")
-    if resize not in ("cpu", "device"):
-        raise UserError(f"--resize must be cpu or device, not {resize!r}.")
+    _check_run_options(batch_size, workers, flush_rows, resize)
     dataset = list_dataset(source)
     if resize == "device" and source_size is None:
         source_size = _first_image_size(dataset)
     settings, w = make_settings(backbone, weights, layer, pool, input_size, crop, flip,
                                 precision, jitter, source_size=source_size)
     path = Path(out) if out else cache.default_path(dataset.name, settings, cache_dir)
-    summary = Summary(path, total=len(dataset.items))
+    summary = Summary(path, total=len(dataset.items), notes=list(getattr(dataset, "notes", ())))
     _check_writable(path)
-    with cache.lock(path), _sigterm_as_interrupt():
+    with cache.lock(path):
         state = cache.State(path, settings)
         todo = state.todo(dataset.items)
         summary.reused = len(dataset.items) - len(todo)
         if not todo and state.up_to_date(dataset):
+            summary.committed = True
             summary.failed_total = len(state.failed)
             summary.seconds = time.perf_counter() - start
             return summary
         extractor = build_extractor(settings, w) if todo else None
         journal = cache.Journal(path, settings, flush_rows=flush_rows)
         try:
-            bar = _progress(len(todo), progress)
-            size = batch_size or default_batch_size()
-            for batch in (batches(todo, extractor, size, workers) if todo else ()):
-                journal.add(batch.items, batch.embeddings)
-                for item, reason in batch.failed:
-                    journal.fail(item, reason)
-                    summary.failed[item.key] = reason
-                summary.embedded += len(batch.items)
-                bar.update(len(batch.items) + len(batch.failed))
-            bar.close()
+            _embed(todo, extractor, journal, summary, batch_size, workers, progress)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
             journal.flush()
-            dim = getattr(extractor, "dim", None)
-            prov = {**provenance(extractor), "weights_path": w.path or ""}
-            counts = cache.commit(path, settings, dataset, prov, dim=dim)
-            summary.failed_total = counts["failed"]
+            if summary.embedded or _reusable_rows(state, dataset):
+                prov = {**provenance(extractor), "weights_path": w.path or ""}
+                counts = cache.commit(path, settings, dataset, prov,
+                                      dim=getattr(extractor, "dim", None),
+                                      complete=not summary.interrupted)
+                summary.failed_total = counts["failed"]
+                summary.committed = True
+            elif not summary.interrupted:  # failures only: nothing worth a cache file
+                shutil.rmtree(cache.parts_dir(path), ignore_errors=True)
+        if not summary.committed and not summary.interrupted:
+            raise UserError(_nothing_embedded(dataset, summary))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _check_run_options(batch_size, workers, flush_rows, resize):
+    check_range("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
+    check_range("--workers", workers, 1, MAX_WORKERS)
+    check_range("--checkpoint-rows", flush_rows, 1)
+    if resize not in ("cpu", "device"):
+        raise UserError(f"--resize must be cpu or device, not {resize!r}.")
+
+
+def _embed(todo, extractor, journal, summary, batch_size, workers, progress):
+    """Embed `todo` batch by batch into the journal, counting into `summary`."""
+    bar = _progress(len(todo), progress)
+    size = batch_size or default_batch_size()
+    for batch in (batches(todo, extractor, size, workers) if todo else ()):
+        journal.add(batch.items, batch.embeddings)
+        for item, reason in batch.failed:
+            journal.fail(item, reason)
+            summary.failed[item.key] = reason
+        summary.embedded += len(batch.items)
+        bar.update(len(batch.items) + len(batch.failed))
+    bar.close()
+
+
+def _reusable_rows(state, dataset) -> bool:
+    """Whether the cache or its journal holds a row for a current file (as it is now)."""
+    return any((row := state.rows.get(it.key)) is not None and row[2] == it.fingerprint
+               for it in dataset.items)
+
+
+def _nothing_embedded(dataset, summary) -> str:
+    example = next(iter(summary.failed.items()), None)
+    why = f" (e.g. {example[0]}: {example[1]})" if example else ""
+    return (f"none of the {summary.total} files of {dataset.root} could be embedded{why}, so no "
+            "cache was written; give a folder of images or a list file of image paths.")
 
 
 def _first_image_size(dataset) -> tuple[int, int]:
