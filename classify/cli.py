@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from featurize.cli import command_line
-from featurize.errors import run_command
+from featurize.errors import ArgumentParser, run_command
 
 from . import heads, runs
 
@@ -15,7 +14,7 @@ COMMANDS = ("runs", "predict", "verify", "finetune")
 
 
 def _train_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m classify",
         description="Train a head on a featurize cache, evaluate it on a fixed seeded split, "
                     "and save the run. Other commands: " + ", ".join(COMMANDS) + ".")
@@ -41,8 +40,8 @@ def _train_parser():
 
 
 def _predict_parser():
-    p = argparse.ArgumentParser(prog="python -m classify predict",
-                                description="Predict classes of new images with a saved run.")
+    p = ArgumentParser(prog="python -m classify predict",
+                       description="Predict classes of new images with a saved run.")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--run", required=True, help="run folder made by python -m classify")
     p.add_argument("--top-k", type=int, default=5)
@@ -51,8 +50,8 @@ def _predict_parser():
 
 
 def _verify_parser():
-    p = argparse.ArgumentParser(prog="python -m classify verify",
-                                description="LFW pair verification on a cache (10-fold protocol).")
+    p = ArgumentParser(prog="python -m classify verify",
+                       description="LFW pair verification on a cache (10-fold protocol).")
     p.add_argument("--pairs", required=True, help="pairs.txt (View 2) or pairsDevTest.txt (View 1)")
     p.add_argument("--train-pairs", help="choose the threshold on this file (pairsDevTrain.txt)")
     p.add_argument("--cache", help="cache file (default: the newest under data/cache/)")
@@ -64,7 +63,7 @@ def _verify_parser():
 
 
 def _runs_parser():
-    p = argparse.ArgumentParser(prog="python -m classify runs", description="List runs.")
+    p = ArgumentParser(prog="python -m classify runs", description="List runs.")
     p.add_argument("--runs-dir", default=str(runs.DEFAULT_DIR))
     return p
 
@@ -89,6 +88,8 @@ def _train(argv) -> int:
               args.test_size, args.cv, args.seed, args.normalize, args.standardize, args.pca,
               args.out, args.runs_dir)
     print(f"cache: {r.cache}")
+    for warning in r.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for note in r.notes:
         print(f"note: {note}")
     split = f"{args.cv}-fold CV" if args.cv else f"held-out {args.test_size:.0%}"
@@ -111,9 +112,11 @@ def _predict(argv) -> int:
     from .predict import predict
     args = _predict_parser().parse_args(argv)
     results = predict(args.images, args.run, args.top_k)
+    # Exit 1 when an input could not be used (as featurize --strict), after printing the rest.
+    status = 1 if any("error" in r for r in results) else 0
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
+        return status
     for r in results:
         if "error" in r:
             print(f"{r['path']}: error: {r['error']}")
@@ -121,7 +124,7 @@ def _predict(argv) -> int:
         kind = next(k for k in r["top"][0] if k != "class")  # probability, distance or score
         top = ", ".join(f"{t['class']} {t[kind]:.3f}" for t in r["top"])
         print(f"{r['path']}: {r['prediction']}  ({kind}: {top})")
-    return 0
+    return status
 
 
 def _verify(argv) -> int:
@@ -140,7 +143,8 @@ def _verify(argv) -> int:
               f"accuracy {result['accuracy_all']:.4f}")
     print(f"accuracy {result['accuracy']:.4f} ± {result['accuracy_std']:.4f} over "
           f"{len(result['fold_accuracies'])} folds, ROC AUC {result['roc_auc']:.4f}")
-    print(f"roc: {result['roc_png']}")
+    if result.get("roc_png"):
+        print(f"roc: {result['roc_png']}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from featurize import cache as cache_io
-from featurize.errors import UserError
+from featurize.errors import UserError, check_range
 
 FACE_FAMILIES = ("vggface", "dlib")
 
@@ -36,52 +37,101 @@ def find_cache(path=None):
     return newest
 
 
-def select(c, min_per_class: int = 1, max_per_class: int | None = None, min_needed: int = 2) -> Selection:
+def select(c, min_per_class: int = 1, max_per_class: int | None = None, min_needed: int = 2,
+           cv: int | None = None) -> Selection:
     """Labelled rows of classes with at least `min_per_class` images (as scikit-learn's
     fetch_lfw_people(min_faces_per_person=...)), at most `max_per_class` each (first by path).
 
-    `min_needed` is what the evaluation needs per class (2 for a held-out split, K for K-fold);
-    classes below it are dropped with a note.
+    `min_needed` is what the evaluation needs per class (2 for a held-out split, K for
+    K-fold: pass `cv` to name it in messages); classes below it are dropped with a note.
     """
     if not c.labelled:
         raise UserError(f"cache {c.path} has no labels (it was made from a flat folder or an "
                         "unlabelled list); featurize a folder with one sub-folder per class.")
+    need = f"--cv {cv}" if cv else "a held-out split"
     labelled = np.flatnonzero(c.labels >= 0)
     counts = np.bincount(c.labels[labelled], minlength=len(c.classes))
-    keep = counts >= max(min_per_class, 1)
+    wanted = counts >= max(min_per_class, 1)
+    keep = wanted & (counts >= min_needed)
     notes = []
-    short = np.flatnonzero(keep & (counts < min_needed))
-    if len(short):
-        notes.append(f"dropped {len(short)} classes with fewer than {min_needed} images "
+    short = int((wanted & ~keep).sum())
+    if short:
+        notes.append(f"dropped {short} classes with fewer than {min_needed} images "
                      "(too few for the split)")
-        keep[short] = False
+    kept = np.flatnonzero(keep)
+    if len(kept) < 2:
+        _too_few_classes(c, counts[wanted], len(kept), min_per_class, min_needed, need)
     rows = []
-    for cls in np.flatnonzero(keep):
+    for cls in kept:
         members = labelled[c.labels[labelled] == cls]  # already sorted by path
         rows.extend(members[:max_per_class] if max_per_class else members)
     rows = np.array(sorted(rows), dtype=np.int64)
-    kept = np.flatnonzero(keep)
-    if len(kept) < 2:
-        raise UserError(f"only {len(kept)} class(es) left in {c.path} after selection "
-                        f"(--min-per-class {min_per_class}); lower --min-per-class or add "
-                        "images: a classifier needs at least 2 classes.")
     remap = -np.ones(len(c.classes), dtype=np.int64)
     remap[kept] = np.arange(len(kept))
     return Selection(c.embeddings[rows], remap[c.labels[rows]], [c.paths[i] for i in rows],
                      [c.classes[i] for i in kept], notes)
 
 
+def _too_few_classes(c, counts, n_kept, min_per_class, min_needed, need):
+    """The UserError for a selection of fewer than 2 classes, blaming the option that did it."""
+    if len(counts) >= 2:  # --min-per-class left enough classes: the split's need dropped them
+        ordered = np.sort(counts)  # the second largest is the most that keeps 2 classes
+        raise UserError(f"{need} needs at least {min_needed} images per class, but the smallest "
+                        f"class of {c.path} has {ordered[0]} (only {n_kept} class(es) have "
+                        f"{min_needed} or more); "
+                        + (f"lower --cv to at most {ordered[-2]}."
+                           if need.startswith("--cv") and ordered[-2] >= 2
+                           else "add images: a classifier needs at least 2 classes."))
+    raise UserError(f"only {n_kept} class(es) left in {c.path} after selection "
+                    f"(--min-per-class {min_per_class}); lower --min-per-class or add "
+                    "images: a classifier needs at least 2 classes.")
+
+
+def check_options(min_per_class=1, max_per_class=None, test_size=0.25, cv=None, seed=0,
+                  pca=None) -> None:
+    """The selection, split and feature options, before anything is read or computed."""
+    check_range("--min-per-class", min_per_class, 1)
+    check_range("--max-per-class", max_per_class, 1)
+    check_range("--cv", cv, 2)  # scikit-learn's StratifiedKFold: n_splits >= 2
+    check_range("--seed", seed, 0, 2**32 - 1)  # numpy's seed range
+    check_range("--pca", pca, 1)
+    if cv is None:
+        check_fraction("--test-size", test_size)
+    if max_per_class is not None and max_per_class < (cv or 2):
+        raise UserError(f"--max-per-class {max_per_class} keeps fewer images per class than the "
+                        f"{cv or 2} that {f'--cv {cv}' if cv else 'a held-out split'} needs; "
+                        f"raise --max-per-class to at least {cv or 2}.")
+
+
+def check_fraction(option: str, value) -> float:
+    """A number strictly between 0 and 1 (NaN is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UserError(f"{option} must be a fraction between 0 and 1 (exclusive), not {value}.")
+    return value
+
+
+def check_pca(pca, n_train: int, dim: int) -> None:
+    """scikit-learn's PCA limit: at most min(training rows, embedding dimension) components."""
+    if pca and pca > min(n_train, dim):
+        raise UserError(f"--pca {pca} is more than the {min(n_train, dim)} components PCA can "
+                        f"find here ({n_train} training images, embedding dimension {dim}); "
+                        f"use --pca {min(n_train, dim)} or less.")
+
+
 def splits(y: np.ndarray, test_size: float = 0.25, cv: int | None = None, seed: int = 0):
     """Train/test index pairs. They depend only on the labels, their order (rows are sorted
-    by path) and the seed, never on the head: every head is judged on the same images."""
+    by path) and the seed, never on the head: every head is judged on the same images.
+    The options are checked by `check_options`."""
     if cv:
         return list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
-    if not 0 < test_size < 1:
-        raise UserError(f"--test-size must be a fraction between 0 and 1, not {test_size}.")
     n_classes = len(np.unique(y))
-    if round(test_size * len(y)) < n_classes:
+    n_test = math.ceil(test_size * len(y))  # as StratifiedShuffleSplit counts them
+    if n_test < n_classes:
         raise UserError(f"--test-size {test_size} gives fewer test images than the {n_classes} "
-                        "classes; raise --test-size or --min-per-class.")
+                        f"classes ({n_test}); raise --test-size or --min-per-class.")
+    if len(y) - n_test < n_classes:
+        raise UserError(f"--test-size {test_size} leaves fewer training images than the "
+                        f"{n_classes} classes ({len(y) - n_test}); lower --test-size.")
     return list(StratifiedShuffleSplit(1, test_size=test_size, random_state=seed).split(
         np.zeros(len(y)), y))
 

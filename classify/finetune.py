@@ -12,18 +12,20 @@ started, the original weights are kept: fine-tuning is applied only when it pays
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from featurize.errors import UserError
+from featurize.errors import ArgumentParser, UserError, check_range
+from featurize.images import ImageError
 
-from . import report, runs
+from . import data, report, runs
 
 SAFE_LR = 1e-5
 FINETUNED_BASE_WEIGHTS = "finetuned_base.weights.h5"  # Keras 3 weights of the base
@@ -32,8 +34,8 @@ RISKY_LR = 1e-3
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m classify finetune",
-                                description="Fine-tune the backbone of a run together with its head.")
+    p = ArgumentParser(prog="python -m classify finetune",
+                       description="Fine-tune the backbone of a run together with its head.")
     p.add_argument("--run", required=True, help="a dense or logreg run folder")
     p.add_argument("--unfreeze", type=int, default=1, help="top blocks of the base to train")
     p.add_argument("--lr", type=float, default=SAFE_LR, help="Adam learning rate (%(default)s)")
@@ -98,13 +100,7 @@ def assemble(record, pipeline):
                                      weights_for)
 
     attrs = record["provenance"]
-    settings = EmbeddingSettings.from_json(attrs["settings"])
-    if settings.spec.family == "dlib":
-        raise UserError("dlib-resnet is not a Keras model and cannot be fine-tuned; use a "
-                        "Keras backbone.")
-    if settings.flip:
-        raise UserError("runs on --flip caches cannot be fine-tuned (the mirror average is "
-                        "not a single image); featurize without --flip first.")
+    settings = EmbeddingSettings.from_json(attrs["settings"])  # checked by _check_run
     weights = weights_for(settings, attrs.get("weights_path", ""))
     base = build_base(settings, weights)
     images, x = image_input(settings)
@@ -120,10 +116,7 @@ def assemble(record, pipeline):
 def unfreeze(base, spec, n: int) -> list[str]:
     """Make the top `n` blocks of `base` trainable (but their BatchNorm), the rest frozen."""
     import keras
-    blocks = spec.blocks
-    if n < 0 or n > len(blocks):
-        raise UserError(f"--unfreeze {n}: {spec.name} has {len(blocks)} blocks "
-                        f"({', '.join(b.rstrip('_') for b in blocks) or 'none named'}).")
+    blocks = spec.blocks  # `n` is within them: see check_unfreeze
     top = blocks[len(blocks) - n:] if n else ()
     base.trainable = True
     trained = []
@@ -139,6 +132,15 @@ def unfreeze(base, spec, n: int) -> list[str]:
     return trained
 
 
+def check_unfreeze(spec, n: int) -> None:
+    """--unfreeze N (at least 0, see check_options) is within the backbone's blocks."""
+    blocks = spec.blocks
+    if n > len(blocks):
+        raise UserError(f"--unfreeze {n}: {spec.name} has {len(blocks)} blocks "
+                        f"({', '.join(b.rstrip('_') for b in blocks) or 'none named'}); "
+                        f"use --unfreeze {len(blocks)} or less.")
+
+
 # --- data --------------------------------------------------------------------------------------
 
 def image_dataset(paths, labels, root, settings, batch_size, augment, seed, shuffle):
@@ -152,6 +154,9 @@ def image_dataset(paths, labels, root, settings, batch_size, augment, seed, shuf
             super().__init__(workers=4, use_multiprocessing=False)
             self.rng = np.random.default_rng(seed)
             self.order = np.arange(len(paths))
+            # (path, reason) of an image that failed: Keras re-raises what __getitem__
+            # raises as a backend error (TensorFlow's UnknownError), without the file's name.
+            self.failure = None
 
         def __len__(self):
             return int(np.ceil(len(paths) / batch_size))
@@ -163,7 +168,13 @@ def image_dataset(paths, labels, root, settings, batch_size, augment, seed, shuf
         def __getitem__(self, i):
             idx = self.order[i * batch_size:(i + 1) * batch_size]
             rng = np.random.default_rng((seed, i, int(self.rng.integers(1 << 30))))
-            arrays = [prepare(str(Path(root) / paths[j])) for j in idx]
+            arrays = []
+            for j in idx:
+                try:
+                    arrays.append(prepare(str(Path(root) / paths[j])))
+                except ImageError as e:
+                    self.failure = (paths[j], str(e))
+                    raise
             if augment:
                 arrays = [_augment(a, rng) for a in arrays]
             return np.stack(arrays), np.asarray(labels)[idx]
@@ -187,14 +198,40 @@ def _augment(arr, rng):
     return np.asarray(im)
 
 
+@contextmanager
+def image_errors(*datasets):
+    """An image that fails to decode while Keras iterates a dataset: one clear error naming
+    it, instead of the backend's traceback."""
+    try:
+        yield
+    except Exception:
+        failure = next((ds.failure for ds in datasets if ds.failure), None)
+        if failure is None:
+            raise
+        raise UserError(f"image {failure[0]} of the run's split cannot be read ({failure[1]}); "
+                        "put the original back, or re-run python -m featurize and train a new "
+                        "run.") from None
+
+
+def check_images(root, paths) -> None:
+    """Every image of the split is still a file under the dataset root, before any training."""
+    missing = [p for p in paths if not (Path(root) / p).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"{len(missing)} images of the run's split are missing from {root}: "
+                        f"{shown}; put them back, or re-run python -m featurize {root} and train "
+                        "a new run.")
+
+
 def _validation_split(train_paths, train_y, fraction, seed):
     from sklearn.model_selection import StratifiedShuffleSplit
     n_classes = len(np.unique(train_y))
     n_val = int(round(fraction * len(train_y)))
     if n_val < n_classes or len(train_y) - n_val < n_classes:
+        change = "raise" if n_val < n_classes else "lower"
         raise UserError(f"not enough training images ({len(train_y)}) for a validation slice of "
-                        f"{fraction:.0%} with {n_classes} classes; raise --val-fraction or use "
-                        "a run with more images per class.")
+                        f"{fraction:.0%} with {n_classes} classes; {change} --val-fraction or "
+                        "use a run with more images per class.")
     try:
         fit, val = next(StratifiedShuffleSplit(1, test_size=n_val, random_state=seed).split(
             np.zeros(len(train_y)), train_y))
@@ -205,85 +242,167 @@ def _validation_split(train_paths, train_y, fraction, seed):
 
 # --- the stage ---------------------------------------------------------------------------------
 
-def finetune(run_dir, unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, val_fraction=0.1,
-             augment=True, refeaturize=False, out=None, seed=0, log=print) -> dict:
-    import keras
+def check_options(unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, val_fraction=0.1,
+                  seed=0) -> None:
+    """The fine-tune options (Keras's limits), before the run is even read."""
+    check_range("--unfreeze", unfreeze_blocks, 0)
+    check_range("--epochs", epochs, 1)
+    check_range("--batch-size", batch_size, 1)
+    check_range("--seed", seed, 0, 2**32 - 1)  # numpy's seed range
+    data.check_fraction("--val-fraction", val_fraction)
+    if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+            or lr <= 0):
+        raise UserError(f"--lr must be a positive number, not {lr}; {SAFE_LR} is the safe "
+                        "default.")
 
-    from featurize import cache as cache_io
-    record, pipeline = runs.load(run_dir)
+
+def _check_run(run_dir, record, unfreeze_blocks):
+    """The run can be fine-tuned (settings only, nothing built yet): its embedding settings."""
+    from featurize.extractor import EmbeddingSettings
     if record["head"] not in ("dense", "logreg"):
         raise UserError(f"finetune needs a dense or logreg run; {run_dir} is {record['head']}.")
+    settings = EmbeddingSettings.from_json(record["provenance"]["settings"])
+    if settings.spec.family == "dlib":
+        raise UserError("dlib-resnet is not a Keras model and cannot be fine-tuned; use a "
+                        "Keras backbone.")
+    if settings.flip:
+        raise UserError("runs on --flip caches cannot be fine-tuned (the mirror average is "
+                        "not a single image); featurize without --flip first.")
+    check_unfreeze(settings.spec, unfreeze_blocks)
     if not Path(record["cache"]).is_file():
         raise UserError(f"the run's cache {record['cache']} is missing; re-create it with "
                         "python -m featurize, or train a new run.")
-    if lr > RISKY_LR and unfreeze_blocks:
-        log(f"warning: --lr {lr} with unfrozen layers: large updates wreck the pretrained "
-            "weights (accuracy can fall to chance after one epoch); 1e-5 is the safe default.")
-    split = json.loads((Path(run_dir) / "split.json").read_text())
-    if len(split["folds"]) != 1:
+    return settings
+
+
+def _split(run_dir, record, val_fraction, seed) -> dict:
+    """The run's images and labels: training (less a validation slice) and test."""
+    from featurize import cache as cache_io
+    try:
+        split = json.loads((Path(run_dir) / "split.json").read_text())
+        folds = split["folds"]
+        fold = folds[0]
+        train_paths, test_paths = list(fold["train"]), list(fold["test"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        raise UserError(f"{Path(run_dir) / 'split.json'} is missing or damaged; train the head "
+                        "again with python -m classify.") from None
+    if len(folds) != 1:
         raise UserError(f"{run_dir} was evaluated by cross-validation; fine-tune a run with a "
                         "held-out split (python -m classify without --cv).")
     c = cache_io.read(record["cache"])
     index = {p: i for i, p in enumerate(c.paths)}
-    class_of = {name: k for k, name in enumerate(record["classes"])}
-    fold = split["folds"][0]
-    missing = [p for p in fold["train"] + fold["test"] if p not in index]
+    missing = [p for p in train_paths + test_paths if p not in index]
     if missing:
         raise UserError(f"{len(missing)} images of the run's split are no longer in "
                         f"{record['cache']} (e.g. {missing[0]}); train a new run.")
+    root = c.attrs["dataset_root"]
+    check_images(root, train_paths + test_paths)
+    class_of = {name: k for k, name in enumerate(record["classes"])}
 
     def labels(paths):
         return np.array([class_of[c.classes[c.labels[index[p]]]] for p in paths])
 
-    train_paths, test_paths = fold["train"], fold["test"]
-    train_y, test_y = labels(train_paths), labels(test_paths)
+    train_y = labels(train_paths)
     fit_idx, val_idx = _validation_split(train_paths, train_y, val_fraction, seed)
-    root = c.attrs["dataset_root"]
+    return {"root": root, "test_paths": test_paths, "test_y": labels(test_paths),
+            "test_embeddings": c.embeddings[[index[p] for p in test_paths]],
+            "fit_paths": [train_paths[i] for i in fit_idx], "fit_y": train_y[fit_idx],
+            "val_paths": [train_paths[i] for i in val_idx], "val_y": train_y[val_idx]}
+
+
+def finetune(run_dir, unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, val_fraction=0.1,
+             augment=True, refeaturize=False, out=None, seed=0, log=print) -> dict:
+    # Every mistake is found here, before the model is built or a file written.
+    check_options(unfreeze_blocks, lr, epochs, batch_size, val_fraction, seed)
+    record, pipeline = runs.load(run_dir)
+    _check_run(run_dir, record, unfreeze_blocks)
+    final = runs.new_dir("finetune", out, Path(run_dir).parent)
+    runs.check_destination(final)
+    if lr > RISKY_LR and unfreeze_blocks:
+        log(f"warning: --lr {lr} with unfrozen layers: large updates wreck the pretrained "
+            "weights (accuracy can fall to chance after one epoch); 1e-5 is the safe default.")
+    d = _split(run_dir, record, val_fraction, seed)
 
     model, base, settings = assemble(record, pipeline)
+    test_ds = image_dataset(d["test_paths"], d["test_y"], d["root"], settings, batch_size,
+                            False, seed, False)
     # Before training, the assembled model must give the head's predictions from images.
-    test_ds = image_dataset(test_paths, test_y, root, settings, batch_size, False, seed, False)
-    before_scores = model.predict(test_ds, verbose=0)
-    head_scores = pipeline.predict_proba(c.embeddings[[index[p] for p in test_paths]])
-    gap = float(np.abs(before_scores - head_scores).max())
+    with image_errors(test_ds):
+        before_scores = model.predict(test_ds, verbose=0)
+    gap = float(np.abs(before_scores - pipeline.predict_proba(d["test_embeddings"])).max())
     # A wrong model is off by far more; GPUs' TF32 convolutions move probabilities ~2e-3.
     if gap > 1e-2:
         raise UserError(f"the assembled model does not reproduce the run's predictions (max "
                         f"difference {gap:.2e}); the cache may be out of date: re-run featurize "
                         "and train the head again.")
-    before = report.evaluate(test_y, before_scores.argmax(1), before_scores, len(record["classes"]))
+    n_classes = len(record["classes"])
+    before = report.evaluate(d["test_y"], before_scores.argmax(1), before_scores, n_classes)
+    trained = _train(model, base, settings, d, (unfreeze_blocks, lr, epochs, batch_size, augment,
+                                                seed), log)
+    with image_errors(test_ds):
+        after_scores = model.predict(test_ds, verbose=0)
+    after = report.evaluate(d["test_y"], after_scores.argmax(1), after_scores, n_classes)
+    params = {"unfreeze": unfreeze_blocks, "lr": lr, "epochs": epochs,
+              "epochs_run": trained["epochs_run"], "batch_size": batch_size, "augment": augment,
+              "val_fraction": val_fraction, "seed": seed}
+    new_dir = _save(final, run_dir, record, (model, base, settings), d["test_y"], after_scores,
+                    {**trained, "params": params, "metrics": after, "metrics_before": before})
+    result = {"run_dir": new_dir, "before": before, "after": after,
+              "epochs_run": trained["epochs_run"], "paid": trained["paid"],
+              "validation_loss": (trained["validation_loss_before"],
+                                  trained["validation_loss_after"]),
+              "seconds_per_epoch": trained["seconds_per_epoch"],
+              "trained_layers": trained["trained_layers"],
+              "frozen_layers_unchanged": trained["frozen_layers_unchanged"]}
+    if refeaturize:
+        result["cache"] = _refeaturize(settings, d["root"], new_dir, record["cache"])
+    return result
 
+
+def _train(model, base, settings, d, options, log) -> dict:
+    """Train the unfrozen blocks and the head; keep the start if no epoch lowered the
+    validation loss. What happened, for run.json."""
+    import keras
+    unfreeze_blocks, lr, epochs, batch_size, augment, seed = options
     trained_layers = unfreeze(base, settings.spec, unfreeze_blocks)
-    frozen_before = {w.path: keras.ops.convert_to_numpy(w) for w in base.weights if not _in(w, trained_layers)}
+    frozen_before = {w.path: keras.ops.convert_to_numpy(w) for w in base.weights
+                     if not _in(w, trained_layers)}
     model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    fit_ds = image_dataset([train_paths[i] for i in fit_idx], train_y[fit_idx], root, settings,
-                           batch_size, augment, seed, True)
-    val_ds = image_dataset([train_paths[i] for i in val_idx], train_y[val_idx], root, settings,
-                           batch_size, False, seed, False)
+    fit_ds = image_dataset(d["fit_paths"], d["fit_y"], d["root"], settings, batch_size, augment,
+                           seed, True)
+    val_ds = image_dataset(d["val_paths"], d["val_y"], d["root"], settings, batch_size, False,
+                           seed, False)
     callbacks = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=2),
                  keras.callbacks.EarlyStopping(monitor="val_loss", patience=4,
                                                restore_best_weights=True)]
     start_weights = model.get_weights()
-    val_before = float(model.evaluate(val_ds, verbose=0)[0])
-    t0 = time.perf_counter()
-    history = model.fit(fit_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-                        verbose=0)
-    seconds = time.perf_counter() - t0
+    with image_errors(fit_ds, val_ds):
+        val_before = float(model.evaluate(val_ds, verbose=0)[0])
+        t0 = time.perf_counter()
+        history = model.fit(fit_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+                            verbose=0)
+        seconds = time.perf_counter() - t0
+        val_after = float(model.evaluate(val_ds, verbose=0)[0])
     epochs_run = len(history.history["loss"])
-    val_after = float(model.evaluate(val_ds, verbose=0)[0])
     # Early stopping restores the best epoch, never the start: keep the start if no epoch paid.
     paid = val_after < val_before
     if not paid:
         model.set_weights(start_weights)
         log(f"fine-tuning did not lower the validation loss ({val_before:.4f} -> {val_after:.4f}); "
             "the saved model keeps the original weights.")
-    after_scores = model.predict(test_ds, verbose=0)
-    after = report.evaluate(test_y, after_scores.argmax(1), after_scores, len(record["classes"]))
     unchanged = all(np.array_equal(keras.ops.convert_to_numpy(w), frozen_before[w.path])
                     for w in base.weights if w.path in frozen_before)
+    return {"trained_layers": trained_layers, "epochs_run": epochs_run, "train_seconds": seconds,
+            "seconds_per_epoch": seconds / max(epochs_run, 1), "paid": paid,
+            "frozen_layers_unchanged": unchanged, "validation_loss_before": val_before,
+            "validation_loss_after": val_after}
 
-    writer = runs.RunWriter(runs.new_dir("finetune", out, Path(run_dir).parent))
+
+def _save(final, run_dir, record, built, test_y, after_scores, facts) -> Path:
+    """The new run folder: model, base weights, split, report, run.json (`facts` added)."""
+    model, base, settings = built
+    writer = runs.RunWriter(final)
     try:
         model.save(writer.path("model.keras"))
         if settings.spec.family == "file":
@@ -295,40 +414,31 @@ def finetune(run_dir, unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, v
         writer.text("report.txt", report.class_report(test_y, y_pred, record["classes"]))
         report.confusion_png(test_y, y_pred, record["classes"], writer.path("confusion.png"))
         new = {**record, "head": "finetune", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "finetuned_from": str(Path(run_dir).resolve()),
-               "params": {"unfreeze": unfreeze_blocks, "lr": lr, "epochs": epochs,
-                          "epochs_run": epochs_run, "batch_size": batch_size,
-                          "augment": augment, "val_fraction": val_fraction, "seed": seed},
-               "trained_layers": trained_layers, "metrics": after, "metrics_before": before,
-               "train_seconds": seconds, "seconds_per_epoch": seconds / max(epochs_run, 1),
-               "frozen_layers_unchanged": unchanged, "score_kind": "probability",
-               "validation_loss_before": val_before, "validation_loss_after": val_after,
-               "paid": paid}
+               "finetuned_from": str(Path(run_dir).resolve()), "score_kind": "probability",
+               **facts}
         writer.json("run.json", new)
-        writer.json("metrics.json", {"before": before, "after": after})
-        new_dir = writer.commit()
+        writer.json("metrics.json", {"before": facts["metrics_before"], "after": facts["metrics"]})
+        return writer.commit()
     except BaseException:
         writer.abort()
         raise
-    result = {"run_dir": new_dir, "before": before, "after": after, "epochs_run": epochs_run,
-              "paid": paid, "validation_loss": (val_before, val_after),
-              "seconds_per_epoch": seconds / max(epochs_run, 1), "trained_layers": trained_layers,
-              "frozen_layers_unchanged": unchanged}
-    if refeaturize:
-        from featurize.run import featurize
-        file_base = settings.spec.family == "file"
-        s = featurize(root,
-                      backbone=str(new_dir / FINETUNED_BASE_FILE) if file_base else settings.backbone,
-                      weights="default" if file_base else str(new_dir / FINETUNED_BASE_WEIGHTS),
-                      layer=settings.layer or None,
-                      pool=None if settings.pooling == "none" else settings.pooling,
-                      input_size=settings.input_size, crop=settings.crop or None,
-                      precision=settings.precision, progress=False,
-                      resize="device" if settings.model_input.source else "cpu",
-                      source_size=settings.model_input.source,
-                      cache_dir=Path(record["cache"]).parent)
-        result["cache"] = s.path
-    return result
+
+
+def _refeaturize(settings, root, new_dir, cache_path):
+    """A new cache of the dataset embedded with the fine-tuned base: its path."""
+    from featurize.run import featurize
+    file_base = settings.spec.family == "file"
+    s = featurize(root,
+                  backbone=str(new_dir / FINETUNED_BASE_FILE) if file_base else settings.backbone,
+                  weights="default" if file_base else str(new_dir / FINETUNED_BASE_WEIGHTS),
+                  layer=settings.layer or None,
+                  pool=None if settings.pooling == "none" else settings.pooling,
+                  input_size=settings.input_size, crop=settings.crop or None,
+                  precision=settings.precision, progress=False,
+                  resize="device" if settings.model_input.source else "cpu",
+                  source_size=settings.model_input.source,
+                  cache_dir=Path(cache_path).parent)
+    return s.path
 
 
 def _in(weight, layer_names) -> bool:

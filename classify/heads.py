@@ -10,6 +10,7 @@ import ast
 import os
 import tempfile
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Callable
 
 import numpy as np
@@ -18,6 +19,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import LinearSVC
+from sklearn.utils._param_validation import InvalidParameterError, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from featurize.errors import UserError
@@ -29,12 +31,15 @@ def _unit(X):
 
 
 class CosineCentroid(ClassifierMixin, BaseEstimator):
-    """Nearest class mean by cosine similarity; `transform` gives cosine distances."""
+    """Nearest class mean by cosine similarity; `class_distances` gives cosine distances."""
+
+    _parameter_constraints = {"temperature": [Interval(Real, 0, None, closed="neither")]}
 
     def __init__(self, temperature: float = 0.05):
         self.temperature = temperature
 
     def fit(self, X, y):
+        self._validate_params()
         y = np.asarray(y)
         self.classes_ = np.unique(y)
         self.centroids_ = _unit(np.stack([_unit(X)[y == c].mean(axis=0) for c in self.classes_]))
@@ -59,6 +64,10 @@ class CosineCentroid(ClassifierMixin, BaseEstimator):
 class CosineKNN(KNeighborsClassifier):
     """k nearest neighbours by cosine distance, with per-class nearest distances."""
 
+    # Only the two parameters it exposes (the metric and the algorithm are fixed).
+    _parameter_constraints = {"n_neighbors": [Interval(Integral, 1, None, closed="left")],
+                              "weights": [StrOptions({"uniform", "distance"})]}
+
     def __init__(self, n_neighbors=5, weights="distance"):
         super().__init__(n_neighbors=n_neighbors, weights=weights, metric="cosine",
                          algorithm="brute")
@@ -75,6 +84,17 @@ class CosineKNN(KNeighborsClassifier):
 
 class DenseHead(ClassifierMixin, BaseEstimator):
     """One hidden layer, dropout, Adam, early stopping on a validation slice (Keras)."""
+
+    _parameter_constraints = {
+        "hidden": [Interval(Integral, 1, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "patience": [Interval(Integral, 0, None, closed="left")],
+        "seed": [Interval(Integral, 0, 2**32 - 1, closed="both")],  # numpy's seed range
+    }
 
     def __init__(self, hidden=256, dropout=0.3, learning_rate=1e-3, epochs=200, batch_size=64,
                  validation_fraction=0.1, patience=5, seed=0):
@@ -100,12 +120,14 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         return model
 
     def fit(self, X, y):
+        self._validate_params()
         import keras
         from sklearn.model_selection import train_test_split
         X = np.asarray(X, np.float32)
         self.classes_, yi = np.unique(y, return_inverse=True)
         Xt, Xv, yt, yv = train_test_split(X, yi, test_size=self.validation_fraction,
-                                          random_state=self.seed, stratify=_stratify(yi))
+                                          random_state=self.seed,
+                                          stratify=_stratify(yi, self.validation_fraction))
         self.model_ = self.build(Xt, len(self.classes_))
         # min_delta: the validation loss creeps down for 100+ epochs after accuracy is flat.
         stop = keras.callbacks.EarlyStopping(patience=self.patience, min_delta=1e-3,
@@ -136,9 +158,13 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.__dict__.update(state)
 
 
-def _stratify(y):
+def _stratify(y, fraction: float):
+    """`y` when a stratified validation slice of `fraction` is possible: every class twice,
+    and at least one row per class on each side (scikit-learn's conditions); else None."""
     counts = np.bincount(y)
-    return y if counts[counts > 0].min() >= 2 else None
+    n_classes, n_val = int((counts > 0).sum()), int(np.ceil(fraction * len(y)))
+    possible = counts[counts > 0].min() >= 2 and min(n_val, len(y) - n_val) >= n_classes
+    return y if possible else None
 
 
 def keras_bytes(model) -> bytes:
@@ -202,22 +228,42 @@ def parse_params(head: Head, pairs: list[str]) -> dict:
             params[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             params[key] = value
-    valid = set(_tunable(head).get_params(deep=False))
+    valid = set(tunable(head.make()).get_params(deep=False))
     unknown = sorted(set(params) - valid)
     if unknown:
         raise UserError(f"head {head.name} has no parameter {', '.join(unknown)}; valid: "
                         f"{', '.join(sorted(valid))}.")
     try:
-        head.make(**params)
+        # scikit-learn's own constraints (types and ranges), checked before any data is read
+        tunable(head.make(**params))._validate_params()
+    except InvalidParameterError as e:
+        raise UserError(f"bad --param for head {head.name}: {e} Change that --param.") from None
     except (TypeError, ValueError) as e:
-        raise UserError(f"bad --param for head {head.name}: {e}") from None
+        raise UserError(f"bad --param for head {head.name}: {e}; change that --param.") from None
     return params
 
 
-def _tunable(head: Head):
+def tunable(estimator):
     """The estimator whose parameters --param sets (the SVM inside its calibration)."""
-    est = head.make()
-    return est.estimator if isinstance(est, CalibratedClassifierCV) else est
+    return estimator.estimator if isinstance(estimator, CalibratedClassifierCV) else estimator
+
+
+def check_training_rows(head: Head, params: dict, n_rows: int) -> None:
+    """Limits that depend on the data, checked before fitting: k nearest neighbours need
+    at least k training images."""
+    k = getattr(tunable(head.make(**params)), "n_neighbors", None)
+    if k is not None and k > n_rows:
+        raise UserError(f"head {head.name} with --param n_neighbors={k} needs at least {k} "
+                        f"training images, and the training split has {n_rows}; pass --param "
+                        f"n_neighbors={n_rows} or less.")
+
+
+def features(pipeline, X):
+    """The pipeline's feature steps (normalise, standardise, PCA) applied to X: what its
+    head sees. A pipeline may have none (a head alone: `pipeline[:-1]` cannot transform)."""
+    for _, step in pipeline.steps[:-1]:
+        X = step.transform(X)
+    return X
 
 
 def scores(estimator, X) -> np.ndarray:

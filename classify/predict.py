@@ -6,6 +6,7 @@ import functools
 
 import numpy as np
 
+from featurize.errors import check_range
 from featurize.extractor import EmbeddingSettings, extractor_for
 from featurize.images import collect
 from featurize.pipeline import batches
@@ -14,7 +15,11 @@ from . import heads, runs
 
 
 def predict(inputs, run_dir, top_k: int = 5, batch_size: int = 32, workers=None) -> list[dict]:
-    """One result per image: top-k classes with probabilities (or distances), or an error."""
+    """One result per image: top-k classes with probabilities (or distances), or an error.
+    `top_k` above the number of classes gives them all."""
+    check_range("--top-k", top_k, 1)
+    check_range("batch_size", batch_size, 1)
+    check_range("workers", workers, 1)
     record, model = runs.load(run_dir)
     items = collect(inputs)
     kind = record.get("score_kind", "probability")
@@ -27,7 +32,7 @@ def predict(inputs, run_dir, top_k: int = 5, batch_size: int = 32, workers=None)
         classes = [record["classes"][k] for k in model.classes_]  # the score columns
         if kind == "distance":
             head = model.named_steps["head"]
-            score = lambda emb: head.class_distances(model[:-1].transform(emb))  # noqa: E731
+            score = lambda emb: head.class_distances(heads.features(model, emb))  # noqa: E731
         else:
             score = functools.partial(heads.scores, model)
     results = []

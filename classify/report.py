@@ -35,17 +35,15 @@ def class_report(y_true, y_pred, classes) -> str:
 def confusion_png(y_true, y_pred, classes, path) -> bool:
     if len(classes) > MAX_CONFUSION_CLASSES:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the process's backend is not ours
     size = max(5, 0.25 * len(classes) + 3)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     metrics.ConfusionMatrixDisplay.from_predictions(
         y_true, y_pred, labels=np.arange(len(classes)), display_labels=classes, ax=ax,
         xticks_rotation="vertical", colorbar=False, include_values=len(classes) <= 15)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return True
 
 

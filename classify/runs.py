@@ -45,8 +45,7 @@ class RunWriter:
 
     def __init__(self, final: Path):
         self.final = Path(final)
-        if self.final.exists():
-            raise UserError(f"run folder {self.final} already exists; choose another --out.")
+        check_destination(self.final)
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
@@ -79,6 +78,22 @@ class RunWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+SCORE_KINDS = ("probability", "distance", "score")
+
+
+def check_destination(final: Path) -> None:
+    """The run folder can be created: checked before any training, so a mistake costs nothing."""
+    final = Path(final)
+    if final.exists():
+        raise UserError(f"run folder {final} already exists; choose another --out.")
+    parent = final.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create run folder {final}: {parent} is not a writable folder; "
+                        "choose another --out or --runs-dir.")
+
+
 def load(run_dir) -> tuple[dict, object]:
     """The run's record and its fitted pipeline (a Keras model for a fine-tuned run); a
     hand-edited or partial run is an error."""
@@ -89,27 +104,65 @@ def load(run_dir) -> tuple[dict, object]:
                         "python -m classify.")
     try:
         record = json.loads(record_path.read_text())
-        classes, head = record["classes"], record["head"]
-        assert isinstance(classes, list) and len(classes) >= 2 and isinstance(head, str)
-    except (ValueError, KeyError, AssertionError, TypeError):
-        raise UserError(f"{record_path} is damaged or was edited by hand; train the head "
-                        "again with python -m classify.") from None
-    if head == "finetune":  # a fine-tuned full model: images in, probabilities out
-        try:
-            import keras
-            return record, keras.saving.load_model(run_dir / "model.keras")
-        except Exception as e:  # Keras raises many kinds for a missing or foreign file
-            raise UserError(f"cannot load {run_dir / 'model.keras'} ({type(e).__name__}); run "
-                            "the fine-tune again.") from None
+        problem = _record_problem(record)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        problem = f"unreadable: {e}"
+    if problem:
+        raise UserError(f"{record_path} is damaged or was edited by hand ({problem}); train the "
+                        "head again with python -m classify.")
+    if record["head"] == "finetune":  # a fine-tuned full model: images in, probabilities out
+        return record, _load_keras(run_dir / "model.keras")
     try:
         pipeline = joblib.load(run_dir / "head.joblib")
     except Exception as e:  # joblib raises many kinds for a missing or foreign file
         raise UserError(f"cannot load {run_dir / 'head.joblib'} ({type(e).__name__}); train the "
                         "head again with python -m classify.") from None
-    if len(getattr(pipeline, "classes_", [])) != len(classes):
+    if len(getattr(pipeline, "classes_", [])) != len(record["classes"]):
         raise UserError(f"{run_dir}: head.joblib and run.json disagree on the classes; train "
                         "the head again.")
     return record, pipeline
+
+
+def _record_problem(record) -> str:
+    """What is wrong with a run.json's content, or "" (the keys predict and finetune read)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    classes, provenance = record.get("classes"), record.get("provenance")
+    if not isinstance(record.get("head"), str):
+        return "no 'head' name"
+    if not (isinstance(classes, list) and len(classes) >= 2
+            and all(isinstance(c, str) for c in classes)):
+        return "'classes' is not a list of at least 2 names"
+    if not isinstance(record.get("cache"), str):
+        return "no 'cache' path"
+    if not isinstance(provenance, dict) or not isinstance(provenance.get("settings"), str):
+        return "no 'provenance' with the cache's 'settings'"
+    if not isinstance(provenance.get("weights_path", ""), str):
+        return "'provenance.weights_path' is not a path"
+    if record.get("score_kind", "probability") not in SCORE_KINDS:
+        return f"'score_kind' is not one of {', '.join(SCORE_KINDS)}"
+    from featurize.extractor import EmbeddingSettings
+    try:
+        EmbeddingSettings.from_json(provenance["settings"])
+    except (ValueError, TypeError):  # broken JSON, or keys that are not the settings
+        return "'provenance.settings' are not embedding settings"
+    return ""
+
+
+def _load_keras(path: Path):
+    import keras
+
+    # The model holds featurize's ImagePreprocessing layer: importing its module registers
+    # it with Keras ("featurize>ImagePreprocessing"), which a fresh process has not done.
+    from featurize.preprocessing import ImagePreprocessing
+    custom = {"featurize>ImagePreprocessing": ImagePreprocessing,
+              "ImagePreprocessing": ImagePreprocessing}  # a model saved before registration
+    try:
+        return keras.saving.load_model(path, custom_objects=custom)
+    except Exception as e:  # Keras raises many kinds for a missing or foreign file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"cannot load {path} ({type(e).__name__}: {first}); run the fine-tune "
+                        "again.") from None
 
 
 def table(base=DEFAULT_DIR) -> str:

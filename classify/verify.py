@@ -12,6 +12,7 @@ threshold comes from that file. A single View 1 file alone is cut into 10 folds.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def parse_pairs(path) -> list[Pair]:
         folds, per = header
     elif len(header) == 1:
         folds, per = 1, header[0]
-    else:
+    if len(header) not in (1, 2) or folds < 1 or per < 1:
         raise UserError(f"{path}:1: expected '10 300' (View 2) or a pair count (View 1), got "
                         f"{' '.join(lines[0])!r}.")
     body = lines[1:]
@@ -87,8 +88,6 @@ def parse_pairs(path) -> list[Pair]:
 
 def distances(c, pairs: list[Pair], metric: str = "cosine", skip_missing: bool = False):
     """Distances of the pairs whose images are in cache `c` (and the pairs kept)."""
-    if metric not in ("cosine", "euclidean"):
-        raise UserError(f"--metric must be cosine or euclidean, not {metric!r}.")
     index = {p: i for i, p in enumerate(c.paths)}
     missing = sorted({p for pair in pairs for p in (pair.a, pair.b) if p not in index})
     if missing and not skip_missing:
@@ -150,34 +149,77 @@ def evaluate(d, pairs: list[Pair], train=None) -> dict:
 
 
 def roc_png(d, same, path, label="") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The ROC curve picture, written beside `path` and renamed: a failure leaves no file."""
+    from matplotlib.figure import Figure  # no pyplot: the process's backend is not ours
     from sklearn.metrics import RocCurveDisplay
-    fig, ax = plt.subplots(figsize=(5, 5))
+    path = Path(path)
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     RocCurveDisplay.from_predictions(same, -d, ax=ax, name=label or "pairs")
     ax.set_title("LFW verification ROC")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format=path.suffix[1:].lower())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write --roc {path} ({e.strerror or e}); choose a writable "
+                        "file.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_roc_path(roc_path) -> None:
+    """--roc names a picture in an existing folder: checked before any computing."""
+    if not roc_path:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+    path, kinds = Path(roc_path), FigureCanvasBase.get_supported_filetypes()
+    if path.is_dir():
+        raise UserError(f"--roc {path} is a folder; give a file name such as {path / 'roc.png'}.")
+    if path.suffix[1:].lower() not in kinds:
+        raise UserError(f"--roc {path}: the picture's name must end in one of "
+                        f"{', '.join('.' + k for k in sorted(kinds))} (e.g. roc.png).")
+    if not path.parent.is_dir():
+        raise UserError(f"--roc {path}: folder {path.parent} does not exist; create it or "
+                        "choose another --roc.")
+
+
+def check_pairs(pairs: list[Pair], where, protocol: bool) -> np.ndarray:
+    """`same` of the pairs kept; both kinds are needed (else any threshold, accuracy and ROC
+    AUC are meaningless), and the 10-fold `protocol` needs two folds at least."""
+    same = np.array([p.same for p in pairs])
+    if same.all() or not same.any():
+        kind = "matched" if same.all() else "mismatched"
+        raise UserError(f"only {kind} pairs are left of {where} ({len(pairs)}, the others "
+                        "skipped by --skip-missing); accuracy and ROC AUC would be meaningless. "
+                        "Featurize the missing images.")
+    folds = len({p.fold for p in pairs})
+    if protocol and folds < 2:
+        raise UserError(f"{where} gives {folds} fold: the 10-fold protocol picks each fold's "
+                        "threshold on the other folds, so it needs at least 2; give a file "
+                        "with more pairs, or pass --train-pairs.")
+    return same
 
 
 def verify(cache_path, pairs_file, train_pairs=None, metric="cosine", skip_missing=False,
            roc_path=None) -> dict:
     from featurize import cache as cache_io
+    if metric not in ("cosine", "euclidean"):
+        raise UserError(f"--metric must be cosine or euclidean, not {metric!r}.")
+    check_roc_path(roc_path)
     c = cache_io.read(cache_path)
     pairs = parse_pairs(pairs_file)
-    d, kept = distances(c, pairs, metric, skip_missing)
     train = None
     if train_pairs:
-        tp = parse_pairs(train_pairs)
-        td, tkept = distances(c, tp, metric, skip_missing)
-        train = (td, np.array([p.same for p in tkept]))
+        td, tkept = distances(c, parse_pairs(train_pairs), metric, skip_missing)
+        train = (td, check_pairs(tkept, train_pairs, protocol=False))
+    d, kept = distances(c, pairs, metric, skip_missing)
+    same = check_pairs(kept, pairs_file, protocol=train is None)
     result = evaluate(d, kept, train)
     result.update(metric=metric, skipped=len(pairs) - len(kept), cache=str(cache_path),
                   pairs_file=str(pairs_file), train_pairs=str(train_pairs) if train_pairs else None)
-    if roc_path:
-        roc_png(d, np.array([p.same for p in kept]), roc_path,
-                c.attrs.get("backbone", ""))
+    if roc_path:  # last: a failed verification writes nothing
+        roc_png(d, same, roc_path, c.attrs.get("backbone", ""))
         result["roc_png"] = str(roc_path)
     return result

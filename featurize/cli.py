@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 
 from . import cache
@@ -43,6 +44,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--cache-dir", default=str(cache.DEFAULT_DIR), help="default: %(default)s")
     p.add_argument("--checkpoint-rows", type=int, default=1024,
                    help="journal progress every N images (or 30 s): the most a kill can lose")
+    p.add_argument("--check", choices=["mtime", "content"], default="mtime",
+                   help="what tells a file changed since it was embedded: size + mtime (the default) or also a hash of its content (reads each cached file once per run)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-backbones", action="store_true", help="list backbones and exit")
@@ -55,7 +58,9 @@ def _verify_parser() -> ArgumentParser:
                                             "and optionally re-embed a sample and compare.")
     p.add_argument("cache")
     p.add_argument("--sample", type=int, default=0, help="re-embed K random images and compare")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest difference allowed, relative to the embeddings' scale (max "
+                        "abs value of the rows compared)")
     return p
 
 
@@ -75,19 +80,26 @@ def main(argv=None) -> int:
 @contextmanager
 def command_line():
     """What only a command line may do to its process: SIGTERM ends a run like Ctrl-C (the
-    work done so far is committed first), and TensorFlow's start-up log lines are kept out
-    of the output. Both CLIs run inside it; the Python API never does."""
+    work done so far is committed first), TensorFlow's start-up log lines are kept out of
+    the output, and Python warnings are one line each. Both CLIs run inside it; the Python
+    API never does."""
     quiet = _QuietTensorFlowImport()
     sys.meta_path.insert(0, quiet)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning  # catch_warnings restores it
+            yield
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         if quiet in sys.meta_path:
             sys.meta_path.remove(quiet)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
 
 
 def _interrupt(signum, frame):
@@ -152,7 +164,8 @@ def _featurize(args) -> int:
                   pool=args.pool, input_size=args.input_size, crop=args.crop, flip=args.flip,
                   precision=args.precision, jitter=args.jitter, batch_size=args.batch_size,
                   workers=args.workers, out=args.out, cache_dir=args.cache_dir,
-                  progress=not args.quiet, flush_rows=args.checkpoint_rows, resize=args.resize)
+                  progress=not args.quiet, flush_rows=args.checkpoint_rows, resize=args.resize,
+                  check=args.check)
     for note in s.notes:
         print(f"warning: {note}", file=sys.stderr)
     for key, reason in list(s.failed.items())[:10]:

@@ -28,7 +28,7 @@ def check_range(option: str, value, low=None, high=None, kind=int):
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise UserError(f"{option} must be {'a number' if kind is float else 'a whole number'}, "
                         f"not {value!r}.")
-    if (low is not None and value < low) or (high is not None and value > high):
+    if value != value or (low is not None and value < low) or (high is not None and value > high):
         bounds = (f"between {low} and {high}" if low is not None and high is not None
                   else f"at least {low}" if low is not None else f"at most {high}")
         raise UserError(f"{option} must be {bounds}, not {value}.")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import stat
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 from .errors import UserError
 
@@ -21,7 +22,14 @@ except ImportError:  # pragma: no cover - a platform without its wheel
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 80_000_000  # bigger images are refused, not decoded (decompression bombs)
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not grey pixels
+# No file of an image within MAX_PIXELS needs more (16-bit RGBA stored uncompressed): a bigger
+# file is refused before it is read, so a huge file named .jpg cannot exhaust memory.
+MAX_FILE_BYTES = 8 * MAX_PIXELS
+# The first bytes of the formats of IMAGE_EXTENSIONS, as Pillow's own plugins test them
+# (JPEG, PNG, GIF, BMP, TIFF and BigTIFF; WebP is checked in _looks_like_image).
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
+          b"MM\x00\x2a", b"II\x2a\x00", b"MM\x2a\x00", b"II\x00\x2a", b"MM\x00\x2b", b"II\x2b\x00")
+_HEADER_BYTES = 16  # what Pillow's Image.open reads to identify a format
 
 
 class ImageError(Exception):
@@ -35,6 +43,7 @@ class Item:
     label: str | None  # class name, None for unlabelled
     size: int
     mtime_ns: int
+    digest: str = ""  # content hash, set only for --check content (cache.State.todo)
 
     @property
     def fingerprint(self) -> tuple[int, int]:
@@ -47,6 +56,7 @@ class Dataset:
     name: str
     items: list[Item]  # sorted by key: the order never depends on timing
     classes: list[str]  # sorted class names; empty when unlabelled
+    notes: list[str] = field(default_factory=list)  # what was left out and why, for warnings
 
 
 def cache_key(relpath: str) -> str:
@@ -67,12 +77,21 @@ def _item(root: str, path: str, label: str | None) -> Item:
     return Item(cache_key(os.path.relpath(path, root)), path, label, size, mtime)
 
 
-def _walk_images(folder: str):
-    for dirpath, dirnames, filenames in os.walk(folder):  # never follows directory symlinks
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+def _walk_images(folder: str, notes: list[str] | None = None):
+    def unreadable(error: OSError):  # os.walk skips such a folder without a word
+        if notes is not None:
+            notes.append(f"cannot read folder {error.filename} ({error.strerror}); its images "
+                         "are left out.")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):  # follows no
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # directory links
         for name in sorted(filenames):
             if _is_image_name(name):
                 yield os.path.join(dirpath, name)
+
+
+_SOURCE_HELP = ("give a folder of images (one sub-folder per class) or a text file listing "
+                "image paths, one per line, optionally TAB label")
 
 
 def list_dataset(source) -> Dataset:
@@ -81,68 +100,148 @@ def list_dataset(source) -> Dataset:
     A list file holds one `path` or `path<TAB>label` per line, relative to its own folder.
     """
     source = Path(source)
-    if not source.exists():
-        raise UserError(f"{source} does not exist; give a folder of images (one sub-folder per "
-                        "class) or a text file listing image paths (for LFW: python -m "
-                        f"featurize.datasets lfw {source}).")
-    if source.is_file():
+    mode = _source_mode(source)
+    if stat.S_ISREG(mode):
+        if _is_image_name(source.name):
+            raise UserError(f"{source} is one image, not a dataset; {_SOURCE_HELP} (for "
+                            f"instance its folder, {source.parent}).")
         return _list_file(source)
-    root = str(source)
-    items = []
-    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
-    # A symlinked class folder is fine: below it, os.walk follows no links, so no loops.
-    class_dirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-    for name in entries:
-        full = os.path.join(root, name)
-        if name not in class_dirs and _is_image_name(name):
-            items.append(_item(root, full, None))
-    labelled = []
-    for cls in class_dirs:
-        labelled += [_item(root, p, cache_key(cls)) for p in _walk_images(os.path.join(root, cls))]
-    items += labelled
+    if not stat.S_ISDIR(mode):  # reading a FIFO would wait forever, /dev/zero never ends
+        raise UserError(f"{source} is {_special_kind(mode)}, not a folder or a list file; "
+                        f"{_SOURCE_HELP}.")
+    root, notes = str(source), []
+    try:
+        entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+    except OSError as e:
+        raise UserError(f"cannot read folder {source} ({e.strerror}); check its permissions or "
+                        f"{_SOURCE_HELP}.") from None
+    folders = {e for e in entries if os.path.isdir(os.path.join(root, e))}
+    items = [_item(root, os.path.join(root, e), None)
+             for e in entries if e not in folders and _is_image_name(e)]
+    for cls in _class_folders(root, sorted(folders), notes):
+        items += [_item(root, p, cache_key(cls))
+                  for p in _walk_images(os.path.join(root, cls), notes)]
     if not items:
         raise UserError(f"no images found in {source} (looked for "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point featurize at the folder "
                         "that holds the images or their class folders.")
     items.sort(key=lambda it: it.key)
     classes = sorted({it.label for it in items if it.label is not None})
-    return Dataset(source.resolve(), source.resolve().name, items, classes)
+    return Dataset(source.resolve(), source.resolve().name, items, classes, notes)
+
+
+def _source_mode(source: Path) -> int:
+    try:
+        return os.stat(source).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"{source} does not exist; give a folder of images (one sub-folder per "
+                        "class) or a text file listing image paths (for LFW: python -m "
+                        f"featurize.datasets lfw {source}).") from None
+    except OSError as e:
+        raise UserError(f"cannot open {source} ({e.strerror}); {_SOURCE_HELP}.") from None
+
+
+def _special_kind(mode: int) -> str:
+    kinds = [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _class_folders(root: str, folders: list[str], notes: list[str]) -> list[str]:
+    """The class folders of `root`, leaving out (with a note) each symbolic link to a folder
+    that overlaps the dataset or an earlier linked class folder: following `all -> .` would
+    list every image a second time under another class (test images leak into training), and
+    `up -> ..` would pull in the whole parent tree. A link to a folder elsewhere is fine."""
+    real_root = os.path.realpath(root)
+    linked = {}  # real path of a followed link -> its class folder
+    kept = []
+    for name in folders:
+        full = os.path.join(root, name)
+        if os.path.islink(full):
+            target = os.path.realpath(full)
+            why = _link_overlap(target, real_root, linked)
+            if why:
+                notes.append(f"skipped class folder {name}: a symbolic link to {target}, {why}; "
+                             "following it would list the same images twice.")
+                continue
+            linked[target] = name
+        kept.append(name)
+    return kept
+
+
+def _link_overlap(target: str, real_root: str, linked: dict) -> str | None:
+    """Why a class folder linking to `target` would list images twice, or None."""
+    def within(path, folder):
+        return os.path.commonpath([path, folder]) == folder
+
+    if within(target, real_root):
+        return "the dataset itself" if target == real_root else "which is inside the dataset"
+    if within(real_root, target):
+        return "which holds the dataset"
+    for other, name in linked.items():
+        if within(target, other) or within(other, target):
+            return f"which overlaps class folder {name} (a link to {other})"
+    return None
 
 
 def _list_file(source: Path) -> Dataset:
     root = source.resolve().parent
-    items = {}
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
+    try:  # utf-8-sig: Windows editors start a text file with a byte-order mark
+        lines = source.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read list file {source} ({e}); give a UTF-8 text file of "
                         "image paths, one per line.") from None
-    for line in lines:
+    items, line_of, repeats, entries, any_file, clash = {}, {}, 0, 0, False, None
+    for number, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
-        path, _, label = line.rstrip("\n").partition("\t")
+        entries += 1
+        path, _, label = line.partition("\t")
         full = os.path.normpath(os.path.join(root, path.strip()))
         item = _item(str(root), full, label.strip() or None)
-        items[item.key] = item
+        any_file = any_file or os.path.isfile(full)
+        if item.key not in items:
+            items[item.key], line_of[item.key] = item, number
+        elif items[item.key].label != item.label:
+            clash = clash or (f"list file {source}: lines {line_of[item.key]} and {number} both "
+                              f"list {item.key}, with labels {items[item.key].label!r} and "
+                              f"{item.label!r}; keep one line per image.")
+        else:
+            repeats += 1
     if not items:
         raise UserError(f"list file {source} names no images; write one path per line.")
+    if not any_file:  # first: a file that is no list at all (an LFW pairs file) says so
+        raise UserError(f"{source}: none of its {entries} lines is an existing image path; a "
+                        "list file holds one image path per line, optionally TAB label, "
+                        "relative to the list file's folder.")
+    if clash:
+        raise UserError(clash)
+    notes = [f"list file {source}: {repeats} repeated line(s) (same path, same label) were "
+             "taken once."] if repeats else []
     ordered = sorted(items.values(), key=lambda it: it.key)
     classes = sorted({it.label for it in ordered if it.label is not None})
-    return Dataset(root, source.stem, ordered, classes)
+    return Dataset(root, source.stem, ordered, classes, notes)
 
 
 def collect(inputs) -> list[Item]:
-    """Items for image files and folders given on a command line (keys: the paths given)."""
+    """Items for image files and folders given on a command line (keys: the paths given).
+    A file is taken as given (reading it tells whether it is an image); a folder must hold
+    images."""
     paths = []
     for given in map(str, inputs):
         if os.path.isdir(given):
-            paths += list(_walk_images(given))
+            found = list(_walk_images(given))
+            if not found:
+                raise UserError(f"no images in folder {given} (looked for "
+                                f"{', '.join(sorted(IMAGE_EXTENSIONS))}); give image files or "
+                                "folders that hold them.")
+            paths += found
         elif os.path.lexists(given):
             paths.append(given)
         else:
             raise UserError(f"{given} does not exist; give image files or folders.")
     if not paths:
-        raise UserError(f"no images found in {', '.join(map(str, inputs))}.")
+        raise UserError("no images given; name image files or folders that hold them.")
     return [replace(_item(".", p, None), key=p) for p in paths]
 
 
@@ -157,6 +256,9 @@ def read_rgb(path: str, draft_size: int | None = None) -> np.ndarray:
 
 
 def _read(path: str) -> bytes:
+    """The bytes of an image file. What cannot be an image is refused before it is read:
+    a special file, a file whose first bytes are no supported format's, a file over
+    MAX_FILE_BYTES."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -169,17 +271,36 @@ def _read(path: str) -> bytes:
         raise ImageError("empty file")
     try:
         with open(path, "rb") as f:
-            return f.read()
+            if not _looks_like_image(f.read(_HEADER_BYTES)):
+                raise ImageError("not an image")
+            if st.st_size > MAX_FILE_BYTES:
+                raise ImageError(_too_large(st.st_size))
+            f.seek(0)
+            data = f.read(st.st_size + 1)  # one byte more: a file that grew since stat
+            if len(data) > st.st_size:
+                data += f.read(MAX_FILE_BYTES + 1 - len(data))
     except PermissionError:
         raise ImageError("permission denied") from None
     except OSError as e:
         raise ImageError(f"cannot read: {e.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(_too_large(len(data)))
+    return data
+
+
+def _looks_like_image(head: bytes) -> bool:
+    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _too_large(size: int) -> str:
+    return f"too large ({size / 1e6:,.0f} MB file, limit {MAX_FILE_BYTES / 1e6:,.0f} MB)"
 
 
 def _decode_plain_jpeg(data: bytes, draft_size: int | None) -> np.ndarray | None:
-    """simplejpeg's decode where it is exactly Pillow's: a YCbCr or grey JPEG with no EXIF
-    (no orientation to apply) that Pillow would not draft-scale; else None (use Pillow)."""
-    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff") or _has_exif(data):
+    """simplejpeg's decode where it is exactly Pillow's: a YCbCr or grey JPEG with no
+    orientation metadata (Exif or XMP) that Pillow would not draft-scale; else None (use
+    Pillow). Its strict mode refuses any JPEG libjpeg warns about, truncated ones included."""
+    if simplejpeg is None or not data.startswith(_MAGIC[0]) or _has_orientation_metadata(data):
         return None
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -187,13 +308,17 @@ def _decode_plain_jpeg(data: bytes, draft_size: int | None) -> np.ndarray | None
             return None
         if draft_size and min(w // draft_size, h // draft_size) >= 2:
             return None
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
     except (ValueError, OSError):  # Pillow decides what is wrong with it, and says so
         return None
+    if not _progression_complete(data):
+        raise ImageError("corrupt: truncated")
+    return pixels
 
 
-def _has_exif(data: bytes) -> bool:
-    """Whether an APP1 Exif segment comes before the image data (marker walk, no decode)."""
+def _has_orientation_metadata(data: bytes) -> bool:
+    """Whether an APP1 Exif segment, or an XMP one that mentions an orientation (Pillow applies
+    XMP's tiff:Orientation when Exif has none), comes before the image data (a marker walk)."""
     i = 2
     while i + 4 <= len(data) and data[i] == 0xFF:
         marker = data[i + 1]
@@ -203,10 +328,74 @@ def _has_exif(data: bytes) -> bool:
             i += 1
             continue
         length = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker == 0xE1 and data[i + 4:i + 10].startswith(b"Exif"):
+        start, end = i + 4, i + 2 + length
+        if marker == 0xE1 and (data.startswith(b"Exif", start) or (
+                data.startswith(b"http://ns.adobe.com/xap/1.0/", start)
+                and data.find(b"Orientation", start, end) >= 0)):
             return True
         i += 2 + length
     return True  # unparseable: let Pillow look
+
+
+def _check_jpeg_scan(data: bytes) -> None:
+    """ImageError("corrupt: truncated") when a JPEG's scan data ends early: libjpeg only warns,
+    and Pillow fills the rest with grey. Decoding in grey at 1/8 scale still reads every bit
+    of scan data, for a fraction of a full decode. An end-of-image marker is appended so that
+    a complete scan missing only that marker (which Pillow decodes in full) is no failure;
+    where the marker is present, libjpeg stops there and ignores the copy."""
+    if simplejpeg is None:
+        return
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data + b"\xff\xd9", min_height=1, min_width=1,
+                               colorspace="CMYK" if colorspace in ("CMYK", "YCCK") else "GRAY")
+    except ValueError as e:  # libjpeg: "premature end of data segment" (or "of JPEG file")
+        if "premature end" in str(e).lower():
+            raise ImageError("corrupt: truncated") from None
+        return  # any other warning or error: Pillow decides, and says what is wrong
+    if not _progression_complete(data):
+        raise ImageError("corrupt: truncated")
+
+
+_PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
+_ALL_COEFFICIENTS = frozenset(range(64))
+# the next marker after scan data: not a stuffed 0xFF00, a restart marker or a fill byte
+_NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+
+
+def _progression_complete(data: bytes) -> bool:
+    """Whether a progressive JPEG's scans bring every coefficient of every component to full
+    precision (a scan with Al=0); True for other JPEGs and for what cannot be parsed (Pillow
+    decides). A progressive file cut between two scans and closed by an end-of-image marker
+    decodes without any warning, blurred: its later scans are simply missing."""
+    components, done, i = None, {}, 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            if marker not in _PROGRESSIVE_SOF or i + 10 > len(data):
+                return True
+            components = set(data[i + 10:i + 10 + 3 * data[i + 9]:3])
+        elif marker == 0xDA:  # start of scan: Ns, (Cs, Td/Ta) * Ns, Ss, Se, Ah/Al
+            ns = data[i + 4]
+            if i + 8 + 2 * ns > len(data):  # the file ends inside this scan's header
+                break
+            ss, se, approximation = data[i + 5 + 2 * ns:i + 8 + 2 * ns]
+            if approximation & 0x0F == 0:
+                for c in data[i + 5:i + 5 + 2 * ns:2]:
+                    done.setdefault(c, set()).update(range(ss, se + 1))
+            found = _NEXT_MARKER.search(data, i + 2 + length)
+            if found is None:
+                break
+            i = found.start()
+            continue
+        i += 2 + length
+    return components is None or all(_ALL_COEFFICIENTS <= done.get(c, set()) for c in components)
 
 
 def open_rgb(path: str, draft_size: int | None = None, data: bytes | None = None) -> Image.Image:
@@ -214,6 +403,8 @@ def open_rgb(path: str, draft_size: int | None = None, data: bytes | None = None
     short reason."""
     if data is None:
         data = _read(path)
+    if data.startswith(_MAGIC[0]):
+        _check_jpeg_scan(data)
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -232,14 +423,11 @@ def open_rgb(path: str, draft_size: int | None = None, data: bytes | None = None
     except Image.DecompressionBombError:
         raise ImageError("too large (decompression bomb)") from None
     except Image.UnidentifiedImageError:
-        if data.startswith(_SIGNATURES):
+        if _looks_like_image(data[:_HEADER_BYTES]):
             raise ImageError("corrupt: unreadable header") from None
         raise ImageError("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt: {str(e)[:80]}") from None
-
-
-_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -8,27 +8,43 @@ For extractors fed uint8 arrays (every Keras backbone) workers write pixels stra
 small ring of batch buffers, in shared memory when the workers are processes, so no pixel
 is pickled or stacked; the model embeds batch k in its own thread while batch k+1 is copied
 to the accelerator, the workers fill the next ones and the caller writes batch k-1.
+
+Worker processes leave as soon as the process that started them dies, even by SIGKILL, and
+their shared memory is named after it (`featurize-<pid>-<n>`), so a later run removes what a
+killed one left in /dev/shm.
 """
 
 from __future__ import annotations
 
+import ast
+import itertools
 import multiprocessing
 import os
 import signal
 import sys
+import threading
+import traceback
+import warnings
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .images import ImageError
 
 # Decoding threads stop scaling at about 4 (the GIL); processes scale with the cores.
 # Measured on the lent 16-core GPU machine: benchmarks/featurize_throughput.py.
 PROCESS_MIN_WORKERS = 4
 CHUNK = 16  # images per worker task: amortises the task round trip
+SHM_PREFIX = "featurize-"  # + "<owner pid>-<n>": the owner's death makes a segment garbage
+SHM_FOLDER = Path("/dev/shm")  # where Linux keeps POSIX shared memory
+GUARD = 'if __name__ == "__main__":'
+_segment_numbers = itertools.count()
 
 
 @dataclass
@@ -51,8 +67,20 @@ def _safe(prepare, path):
         return None, "out of memory while decoding"
 
 
-def _ignore_sigint():
+def _start_worker():
+    """The first thing each worker process runs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent):
+    """Leave when the process that started the pool dies. A SIGKILLed parent cannot stop its
+    workers, and their OS parent is the forkserver, which outlives it; but the end of a pipe
+    the parent holds closes with it (multiprocessing's parent sentinel)."""
+    parent.join()
+    os._exit(1)
 
 
 def _pool(workers: int, processes: bool) -> Executor:
@@ -64,7 +92,7 @@ def _pool(workers: int, processes: bool) -> Executor:
         context.set_forkserver_preload([__name__])  # each worker forks with decoders imported
     else:
         context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker)
 
 
 def _wants_processes(extractor, workers: int, n_items: int) -> bool:
@@ -78,14 +106,91 @@ def _wants_processes(extractor, workers: int, n_items: int) -> bool:
 def batches(items, extractor, batch_size=32, workers=None, prefetch_batches=2):
     """Yield a `Batch` per `batch_size` items, in order."""
     workers, items = workers or default_workers(), list(items)
-    pool = _pool(workers, _wants_processes(extractor, workers, len(items)))
+    processes = _wants_processes(extractor, workers, len(items)) and workers > 1
+    if processes and (why := _why_workers_would_fail()):
+        warnings.warn_explicit(why[0], RuntimeWarning, *why[1:])
+        processes = False
+        if getattr(extractor, "parallel", "thread") == "process":
+            workers = 1  # such an extractor (dlib) is not thread-safe
+    remove_dead_segments()  # whatever a killed run left, whether this one shares memory or not
+    pool = _pool(workers, processes)
     try:
         if getattr(extractor, "input_shape", None) is None:
             yield from _object_batches(items, extractor, batch_size, pool, prefetch_batches)
         else:
             yield from _array_batches(items, extractor, batch_size, pool, prefetch_batches)
+    except BrokenProcessPool:
+        raise UserError(_broken_pool_message()) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- scripts without the main guard --------------------------------------------------------------
+
+def _main_rerun_by_workers() -> str | None:
+    """The main script's file if spawn and forkserver workers run it again while they start
+    (what `python script.py` and `python -m package.script` need), else None."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name == "__main__" or (name or "").endswith(".__main__"):
+        return None  # python -m package: multiprocessing leaves it alone
+    return getattr(main, "__file__", None)
+
+
+def _why_workers_would_fail() -> tuple[str, str, int] | None:
+    """(message, script, line) when worker processes, which import the main script again as
+    they start, would fail: it is no file (`python - < code.py`), or this call comes from its
+    top level outside any `if __name__ ...` block, so each worker would make it again. None
+    when they can start, or when it cannot be told (`exit_if_worker_is_starting` is the
+    safety net then)."""
+    script = _main_rerun_by_workers()
+    if script is None:
+        return None
+    main = vars(sys.modules["__main__"])
+    line = next((frame.f_lineno for frame, _ in traceback.walk_stack(None)
+                 if frame.f_globals is main and frame.f_code.co_name == "<module>"), None)
+    slower = "so images are decoded in threads instead, which is slower"
+    try:
+        tree = ast.parse(Path(script).read_bytes(), script)
+    except OSError:
+        return (f"worker processes cannot import {script} again, {slower}; run the code from "
+                "a file.", script, line or 0)
+    except (SyntaxError, ValueError):
+        return None
+    if line is None or any(node.lineno <= line <= node.end_lineno for node in _name_tests(tree)):
+        return None
+    return (f"this call runs at the top level of {script} without `{GUARD}`: worker processes "
+            f"would run it again (they import the script), {slower}. Put the call under "
+            f"`{GUARD}`.", script, line)
+
+
+def _name_tests(tree):
+    """The `if` statements whose test reads `__name__`: the main guard, however written."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and any(isinstance(n, ast.Name) and n.id == "__name__"
+                                            for n in ast.walk(node.test)):
+            yield node
+
+
+def exit_if_worker_is_starting():
+    """Called first by featurize(): a worker process still starting (importing the main
+    script again) has reached a featurize() call the script does not guard. Leave before
+    touching any file; the parent reports it (see `_broken_pool_message`)."""
+    # multiprocessing's own sign of it (see multiprocessing.spawn._check_not_importing_main)
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit(f"error: a featurize worker process imported {_main_rerun_by_workers()} "
+                         f"again, which calls featurize at its top level; put the call under "
+                         f"`{GUARD}`.")
+
+
+def _broken_pool_message() -> str:
+    message = ("a decoding worker process ended abruptly (killed, or out of memory); what was "
+               "already embedded is kept: run again to resume")
+    script = _main_rerun_by_workers()
+    if script:
+        message += (f". If {script} calls featurize at its top level, put the call under "
+                    f"`{GUARD}`: worker processes import the script again")
+    return message + "."
 
 
 # --- extractors fed fixed-shape uint8 arrays ----------------------------------------------------
@@ -95,7 +200,7 @@ class _Buffer:
 
     def __init__(self, shape, shared: bool):
         self.shape = shape
-        self.shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape))) if shared else None
+        self.shm = _new_segment(int(np.prod(shape))) if shared else None
         self.array = (np.ndarray(shape, np.uint8, buffer=self.shm.buf) if shared
                       else np.zeros(shape, np.uint8))
 
@@ -112,6 +217,41 @@ class _Buffer:
             except BufferError:  # a framework still holds a view; unlinking is what matters
                 pass
             self.shm.unlink()
+
+
+def _new_segment(size: int) -> shared_memory.SharedMemory:
+    """A segment named after this process, so that its death tells others it is garbage."""
+    while True:
+        name = f"{SHM_PREFIX}{os.getpid()}-{next(_segment_numbers)}"
+        try:
+            return shared_memory.SharedMemory(name, create=True, size=size)
+        except FileExistsError:  # left by a dead process that had our PID
+            continue
+
+
+def remove_dead_segments() -> list[str]:
+    """Unlink the shared memory of featurize processes that no longer run (a SIGKILL gives
+    them no chance to); Linux only (elsewhere there is no folder to list). Returns the names."""
+    removed = []
+    for path in SHM_FOLDER.glob(f"{SHM_PREFIX}*-*") if SHM_FOLDER.is_dir() else ():
+        owner = path.name[len(SHM_PREFIX):].split("-")[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError:  # another user's, or removed meanwhile
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, but another user's
+        pass
+    return True
 
 
 _attached: dict = {}  # in a worker process: shared-memory name -> (segment, array)
@@ -163,6 +303,9 @@ def _array_batches(items, extractor, batch_size, pool, prefetch):
         while len(in_model) < depth and filling:
             k = min(filling)
             reasons = [r for f in filling.pop(k) for r in f.result()]
+            if all(r is not None for r in reasons):  # every image failed: no model call
+                in_model.append((k, reasons, None))
+                continue
             buf = ring[k % slots]
             buf.array[len(reasons):] = 0  # the last batch's padding
             data = uploader.submit(extractor.to_device, buf.array) if overlap else buf.array
@@ -174,7 +317,7 @@ def _array_batches(items, extractor, batch_size, pool, prefetch):
         start_embedding()
         while in_model:
             k, reasons, future = in_model.popleft()
-            emb = future.result()  # batch k is off its buffer: refill it
+            emb = future.result() if future else None  # batch k is off its buffer: refill it
             if k + slots < len(groups):
                 fill(k + slots)
             start_embedding()  # the model runs while the caller writes batch k

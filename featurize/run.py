@@ -14,7 +14,7 @@ from . import cache
 from .errors import UserError, check_range
 from .extractor import build_extractor, default_batch_size, make_settings
 from .images import ImageError, image_size, list_dataset
-from .pipeline import batches
+from .pipeline import batches, exit_if_worker_is_starting
 
 
 @dataclass
@@ -52,25 +52,30 @@ MAX_WORKERS = 256
 def featurize(source, backbone="vggface-resnet50", weights="default", layer=None, pool=None,
               input_size=None, crop=None, flip=False, precision="float32", jitter=0,
               batch_size=None, workers=None, out=None, cache_dir=cache.DEFAULT_DIR,
-              progress=True, flush_rows=1024, resize="cpu", source_size=None) -> Summary:
+              progress=True, flush_rows=1024, resize="cpu", source_size=None,
+              check="mtime") -> Summary:
     """Embed every image of `source` once into an HDF5 cache; re-runs only do what changed.
 
     resize="device" crops and resizes on the accelerator, from the size of the dataset's
-    first image (or `source_size`); batch_size None picks one for the machine. When no image
+    first image (or `source_size`); batch_size None picks one for the machine. check="content"
+    also reuses a row only if the file's content hash matches (default "mtime": size + mtime). When no image
     at all can be embedded, nothing is committed and a UserError says why.
     """
+    exit_if_worker_is_starting()  # a script without the main guard, re-run by a worker
     start = time.perf_counter()
     _check_run_options(batch_size, workers, flush_rows, resize)
+    if check not in cache.CHECKS:
+        raise UserError(f"--check must be mtime or content, not {check!r}.")
     dataset = list_dataset(source)
     if resize == "device" and source_size is None:
         source_size = _first_image_size(dataset)
     settings, w = make_settings(backbone, weights, layer, pool, input_size, crop, flip,
                                 precision, jitter, source_size=source_size)
-    path = Path(out) if out else cache.default_path(dataset.name, settings, cache_dir)
+    path = Path(out) if out else cache.path_for(dataset, settings, cache_dir)
     summary = Summary(path, total=len(dataset.items), notes=list(getattr(dataset, "notes", ())))
     _check_writable(path)
     with cache.lock(path):
-        state = cache.State(path, settings)
+        state = cache.State(path, settings, check=check)
         todo = state.todo(dataset.items)
         summary.reused = len(dataset.items) - len(todo)
         if not todo and state.up_to_date(dataset):

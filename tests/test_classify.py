@@ -112,7 +112,7 @@ def test_predict_goes_from_image_to_label_through_a_saved_run(tmp_path, capsys):
     Image.fromarray(arr.astype(np.uint8)).save(new)
     (tmp_path / "broken.jpg").write_text("nope")
     assert main(["predict", str(new), str(tmp_path / "broken.jpg"), "--run", str(r.run_dir),
-                 "--json"]) == 0
+                 "--json"]) == 1  # an input that is not an image: exit 1, the rest printed
     out = json.loads(capsys.readouterr().out)
     assert out[0]["prediction"] == "green" and out[0]["top"][0]["probability"] > 0.5
     assert out[1]["error"] == "not an image"

@@ -152,9 +152,11 @@ TRAIN_BAD = {
     "--pca": bad_int(1, 32),
     "--param": st.one_of(
         TEXT.filter(lambda t: "=" not in t),
-        st.sampled_from(["C", "tol"]).flatmap(lambda k: st.one_of(
-            st.floats(max_value=0).map(repr), TEXT.filter(not_float)).map(lambda v: f"{k}={v}")),
-        st.one_of(st.integers(max_value=0).map(str), st.floats().map(repr),
+        # scikit-learn's limits: C > 0, tol >= 0, max_iter >= 0 (an int)
+        st.sampled_from([("C", 0), ("tol", -1e-300)]).flatmap(lambda kv: st.one_of(
+            st.floats(max_value=kv[1]).map(repr), TEXT.filter(not_float)).map(
+                lambda v: f"{kv[0]}={v}")),
+        st.one_of(st.integers(max_value=-1).map(str), st.floats().map(repr),
                   TEXT.filter(not_int)).map(lambda v: f"max_iter={v}"),
         TEXT.filter(lambda t: t.isidentifier() and t not in (
             "C", "tol", "max_iter", "penalty", "l1_ratio", "dual", "fit_intercept",

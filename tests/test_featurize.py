@@ -137,9 +137,10 @@ def test_journal_from_a_killed_run_is_picked_up(image_folder, tmp_path):
     from featurize.extractor import build_extractor, make_settings
     from featurize.pipeline import batches
     settings, w = make_settings("vggface-vgg16", "none", input_size=32)
-    path = cache.default_path("faces", settings, tmp_path / "cache")
+    dataset = list_dataset(image_folder)
+    path = cache.path_for(dataset, settings, tmp_path / "cache")
     journal = cache.Journal(path, settings, flush_rows=1)
-    items = list_dataset(image_folder).items[:5]
+    items = dataset.items[:5]
     for batch in batches(items, build_extractor(settings, w), batch_size=2):
         journal.add(batch.items, batch.embeddings)  # flushed to parts; then "killed"
     assert len(list(cache.parts_dir(path).glob("part-*.h5"))) == 3

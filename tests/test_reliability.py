@@ -143,7 +143,7 @@ def _wait_for_parts(cache_dir, n, proc, timeout=120):
 
 def _shared_memory() -> set:
     shm = Path("/dev/shm")
-    return {p.name for p in shm.glob("psm_*")} if shm.is_dir() else set()
+    return {p.name for pattern in ("psm_*", "featurize-*") for p in shm.glob(pattern)} if shm.is_dir() else set()
 
 
 @pytest.mark.parametrize("workers", ["2", "4"])  # decoding threads; processes + shared memory
@@ -199,10 +199,12 @@ def test_a_second_run_on_the_same_cache_is_refused_and_a_stale_lock_is_taken_ove
                                                                                  image_folder):
     first = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     lock = Path(str(first.path) + ".lock")
-    lock.write_text(f"{os.uname().nodename} {os.getpid()}")  # held by a live process: us
-    with pytest.raises(UserError, match="being written by another featurize run"):
-        featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    with cache.lock(first.path):  # held by a live run: this one
+        with pytest.raises(UserError, match=r"being written by another featurize run \(\S+ "
+                                            f"{os.getpid()}\\)"):
+            featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
+    assert not lock.exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # an old-style lock, owner gone
     dead.wait()
     lock.write_text(f"{os.uname().nodename} {dead.pid}")
     assert featurize(image_folder, cache_dir=tmp_path / "c", **TINY).reused == 12
