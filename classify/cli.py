@@ -9,34 +9,45 @@ from featurize.cli import command_line
 from featurize.errors import ArgumentParser, run_command
 
 from . import heads, runs
+from .options import TrainOptions, defaults
 
 COMMANDS = ("runs", "predict", "verify", "finetune")
 
 
 def _train_parser():
+    d = defaults(TrainOptions)
     p = ArgumentParser(
         prog="python -m classify",
         description="Train a head on a featurize cache, evaluate it on a fixed seeded split, "
                     "and save the run. Other commands: " + ", ".join(COMMANDS) + ".")
     p.add_argument("--cache", help="cache file (default: the newest under data/cache/)")
-    p.add_argument("--head", default=heads.DEFAULT_HEAD, help="default: %(default)s")
+    p.add_argument("--head", default=d["head"], help="default: %(default)s")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="head hyper-parameter, repeatable (e.g. --param C=10)")
     p.add_argument("--list-heads", action="store_true")
-    p.add_argument("--min-per-class", type=int, default=1)
-    p.add_argument("--max-per-class", type=int)
-    p.add_argument("--test-size", type=float, default=0.25)
-    p.add_argument("--cv", type=int, help="stratified K-fold instead of a held-out split")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-per-class", type=int, default=d["min_per_class"])
+    p.add_argument("--max-per-class", type=int, default=d["max_per_class"])
+    p.add_argument("--test-size", type=float, default=d["test_size"])
+    p.add_argument("--cv", type=int, default=d["cv"],
+                   help="stratified K-fold instead of a held-out split")
+    p.add_argument("--seed", type=int, default=d["seed"])
     norm = p.add_mutually_exclusive_group()
-    norm.add_argument("--normalize", dest="normalize", action="store_true", default=None,
+    norm.add_argument("--normalize", dest="normalize", action="store_true", default=d["normalize"],
                       help="L2-normalise embeddings (default: on for face backbones)")
     norm.add_argument("--no-normalize", dest="normalize", action="store_false")
-    p.add_argument("--standardize", action="store_true")
-    p.add_argument("--pca", type=int, help="reduce to this many dimensions")
+    p.add_argument("--standardize", action="store_true", default=d["standardize"])
+    p.add_argument("--pca", type=int, default=d["pca"], help="reduce to this many dimensions")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>-<head>)")
     p.add_argument("--runs-dir", default=str(runs.DEFAULT_DIR))
     return p
+
+
+def train_options(args) -> TrainOptions:
+    """The parsed command line as TrainOptions, which checks every value (--param's
+    key=value strings become a dict there, through the validation a Python dict gets)."""
+    return TrainOptions(args.head, args.param, args.min_per_class, args.max_per_class,
+                        args.test_size, args.cv, args.seed, args.normalize, args.standardize,
+                        args.pca)
 
 
 def _predict_parser():
@@ -78,15 +89,15 @@ def main(argv=None) -> int:
 
 
 def _train(argv) -> int:
+    from .api import train
     from .report import MAX_REPORT_CLASSES, format_metrics
-    from .train import train
     args = _train_parser().parse_args(argv)
     if args.list_heads:
         print(heads.describe_heads())
         return 0
-    r = train(args.cache, args.head, args.param, args.min_per_class, args.max_per_class,
-              args.test_size, args.cv, args.seed, args.normalize, args.standardize, args.pca,
-              args.out, args.runs_dir)
+    options = train_options(args)
+    r = train(args.cache, options=options,
+              save_to=runs.new_dir(args.head, args.out, args.runs_dir))
     print(f"cache: {r.cache}")
     for warning in r.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -98,7 +109,7 @@ def _train(argv) -> int:
         print(r.report_text)
     print(format_metrics(r.metrics))
     print(f"train {r.train_seconds:.2f} s, predict {r.predict_seconds:.3f} s")
-    print(f"run: {r.run_dir}")
+    print(f"run: {r.path}")
     return 0
 
 
@@ -109,7 +120,7 @@ def _runs(argv) -> int:
 
 
 def _predict(argv) -> int:
-    from .predict import predict
+    from .api import predict
     args = _predict_parser().parse_args(argv)
     results = predict(args.images, args.run, args.top_k)
     # Exit 1 when an input could not be used (as featurize --strict), after printing the rest.
@@ -128,23 +139,21 @@ def _predict(argv) -> int:
 
 
 def _verify(argv) -> int:
-    from .data import find_cache
-    from .verify import verify
+    from .api import verify
     args = _verify_parser().parse_args(argv)
-    result = verify(find_cache(args.cache), args.pairs, args.train_pairs, args.metric,
-                    args.skip_missing, args.roc)
+    v = verify(args.cache, args.pairs, args.train_pairs, args.metric, args.skip_missing,
+               args.roc)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(v.as_dict(), indent=2))
         return 0
-    print(f"cache: {result['cache']}\npairs: {result['pairs']} ({result['skipped']} skipped), "
-          f"metric {result['metric']}")
-    if result.get("threshold") is not None:
-        print(f"threshold {result['threshold']:.4f} chosen on {result['train_pairs']}: "
-              f"accuracy {result['accuracy_all']:.4f}")
-    print(f"accuracy {result['accuracy']:.4f} ± {result['accuracy_std']:.4f} over "
-          f"{len(result['fold_accuracies'])} folds, ROC AUC {result['roc_auc']:.4f}")
-    if result.get("roc_png"):
-        print(f"roc: {result['roc_png']}")
+    print(f"cache: {v.cache}\npairs: {v.pairs} ({v.skipped} skipped), metric {v.metric}")
+    if v.threshold is not None:
+        print(f"threshold {v.threshold:.4f} chosen on {v.train_pairs}: "
+              f"accuracy {v.accuracy_all:.4f}")
+    print(f"accuracy {v.accuracy:.4f} ± {v.accuracy_std:.4f} over "
+          f"{len(v.fold_accuracies)} folds, ROC AUC {v.roc_auc:.4f}")
+    if v.roc_png:
+        print(f"roc: {v.roc_png}")
     return 0
 
 

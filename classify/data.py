@@ -12,7 +12,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from featurize import cache as cache_io
-from featurize.errors import UserError, check_range
+from featurize.errors import UserError
 
 FACE_FAMILIES = ("vggface", "dlib")
 
@@ -87,29 +87,6 @@ def _too_few_classes(c, counts, n_kept, min_per_class, min_needed, need):
                     "images: a classifier needs at least 2 classes.")
 
 
-def check_options(min_per_class=1, max_per_class=None, test_size=0.25, cv=None, seed=0,
-                  pca=None) -> None:
-    """The selection, split and feature options, before anything is read or computed."""
-    check_range("--min-per-class", min_per_class, 1)
-    check_range("--max-per-class", max_per_class, 1)
-    check_range("--cv", cv, 2)  # scikit-learn's StratifiedKFold: n_splits >= 2
-    check_range("--seed", seed, 0, 2**32 - 1)  # numpy's seed range
-    check_range("--pca", pca, 1)
-    if cv is None:
-        check_fraction("--test-size", test_size)
-    if max_per_class is not None and max_per_class < (cv or 2):
-        raise UserError(f"--max-per-class {max_per_class} keeps fewer images per class than the "
-                        f"{cv or 2} that {f'--cv {cv}' if cv else 'a held-out split'} needs; "
-                        f"raise --max-per-class to at least {cv or 2}.")
-
-
-def check_fraction(option: str, value) -> float:
-    """A number strictly between 0 and 1 (NaN is not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise UserError(f"{option} must be a fraction between 0 and 1 (exclusive), not {value}.")
-    return value
-
-
 def check_pca(pca, n_train: int, dim: int) -> None:
     """scikit-learn's PCA limit: at most min(training rows, embedding dimension) components."""
     if pca and pca > min(n_train, dim):
@@ -121,7 +98,7 @@ def check_pca(pca, n_train: int, dim: int) -> None:
 def splits(y: np.ndarray, test_size: float = 0.25, cv: int | None = None, seed: int = 0):
     """Train/test index pairs. They depend only on the labels, their order (rows are sorted
     by path) and the seed, never on the head: every head is judged on the same images.
-    The options are checked by `check_options`."""
+    The options are checked by `options.TrainOptions`."""
     if cv:
         return list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     n_classes = len(np.unique(y))

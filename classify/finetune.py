@@ -12,9 +12,7 @@ started, the original weights are kept: fine-tuning is applied only when it pays
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
+import functools
 import sys
 import time
 from contextlib import contextmanager
@@ -22,31 +20,33 @@ from pathlib import Path
 
 import numpy as np
 
-from featurize.errors import ArgumentParser, UserError, check_range
+from featurize.errors import ArgumentParser, UserError
 from featurize.images import ImageError
 
-from . import data, report, runs
+from . import report, runs
+from .options import SAFE_LR, FinetuneOptions, defaults  # noqa: F401 (SAFE_LR: its old home)
+from .runs import Run
 
-SAFE_LR = 1e-5
 FINETUNED_BASE_WEIGHTS = "finetuned_base.weights.h5"  # Keras 3 weights of the base
 FINETUNED_BASE_FILE = "finetuned_base.keras"  # for a base given as a .keras file
-RISKY_LR = 1e-3
 
 
 def _parser():
+    d = defaults(FinetuneOptions)
     p = ArgumentParser(prog="python -m classify finetune",
                        description="Fine-tune the backbone of a run together with its head.")
     p.add_argument("--run", required=True, help="a dense or logreg run folder")
-    p.add_argument("--unfreeze", type=int, default=1, help="top blocks of the base to train")
-    p.add_argument("--lr", type=float, default=SAFE_LR, help="Adam learning rate (%(default)s)")
-    p.add_argument("--epochs", type=int, default=10, help="at most this many epochs")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--refeaturize", action="store_true",
+    p.add_argument("--unfreeze", dest="unfreeze_blocks", type=int, default=d["unfreeze_blocks"],
+                   help="top blocks of the base to train")
+    p.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (%(default)s)")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="at most this many epochs")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"])
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=d["augment"])
+    p.add_argument("--refeaturize", action="store_true", default=d["refeaturize"],
                    help="also write a new cache embedded with the fine-tuned base")
     p.add_argument("--out", help="new run folder (default: runs/<timestamp>-finetune)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d["seed"])
     return p
 
 
@@ -133,7 +133,7 @@ def unfreeze(base, spec, n: int) -> list[str]:
 
 
 def check_unfreeze(spec, n: int) -> None:
-    """--unfreeze N (at least 0, see check_options) is within the backbone's blocks."""
+    """--unfreeze N (at least 0, see FinetuneOptions) is within the backbone's blocks."""
     blocks = spec.blocks
     if n > len(blocks):
         raise UserError(f"--unfreeze {n}: {spec.name} has {len(blocks)} blocks "
@@ -242,25 +242,13 @@ def _validation_split(train_paths, train_y, fraction, seed):
 
 # --- the stage ---------------------------------------------------------------------------------
 
-def check_options(unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, val_fraction=0.1,
-                  seed=0) -> None:
-    """The fine-tune options (Keras's limits), before the run is even read."""
-    check_range("--unfreeze", unfreeze_blocks, 0)
-    check_range("--epochs", epochs, 1)
-    check_range("--batch-size", batch_size, 1)
-    check_range("--seed", seed, 0, 2**32 - 1)  # numpy's seed range
-    data.check_fraction("--val-fraction", val_fraction)
-    if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
-            or lr <= 0):
-        raise UserError(f"--lr must be a positive number, not {lr}; {SAFE_LR} is the safe "
-                        "default.")
-
-
-def _check_run(run_dir, record, unfreeze_blocks):
+def _check_run(run: Run, unfreeze_blocks):
     """The run can be fine-tuned (settings only, nothing built yet): its embedding settings."""
     from featurize.extractor import EmbeddingSettings
+    record = run.record
     if record["head"] not in ("dense", "logreg"):
-        raise UserError(f"finetune needs a dense or logreg run; {run_dir} is {record['head']}.")
+        raise UserError(f"finetune needs a dense or logreg run; {run.path or 'the run'} is "
+                        f"{record['head']}.")
     settings = EmbeddingSettings.from_json(record["provenance"]["settings"])
     if settings.spec.family == "dlib":
         raise UserError("dlib-resnet is not a Keras model and cannot be fine-tuned; use a "
@@ -275,19 +263,19 @@ def _check_run(run_dir, record, unfreeze_blocks):
     return settings
 
 
-def _split(run_dir, record, val_fraction, seed) -> dict:
+def _split(run: Run, val_fraction, seed) -> dict:
     """The run's images and labels: training (less a validation slice) and test."""
     from featurize import cache as cache_io
+    record, where = run.record, run.path or "the run"
     try:
-        split = json.loads((Path(run_dir) / "split.json").read_text())
-        folds = split["folds"]
+        folds = run.split["folds"]
         fold = folds[0]
         train_paths, test_paths = list(fold["train"]), list(fold["test"])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        raise UserError(f"{Path(run_dir) / 'split.json'} is missing or damaged; train the head "
-                        "again with python -m classify.") from None
+    except (KeyError, IndexError, TypeError):
+        raise UserError(f"the split of {where} is damaged; train the head again with "
+                        "python -m classify.") from None
     if len(folds) != 1:
-        raise UserError(f"{run_dir} was evaluated by cross-validation; fine-tune a run with a "
+        raise UserError(f"{where} was evaluated by cross-validation; fine-tune a run with a "
                         "held-out split (python -m classify without --cv).")
     c = cache_io.read(record["cache"])
     index = {p: i for i, p in enumerate(c.paths)}
@@ -310,52 +298,72 @@ def _split(run_dir, record, val_fraction, seed) -> dict:
             "val_paths": [train_paths[i] for i in val_idx], "val_y": train_y[val_idx]}
 
 
-def finetune(run_dir, unfreeze_blocks=1, lr=SAFE_LR, epochs=10, batch_size=16, val_fraction=0.1,
-             augment=True, refeaturize=False, out=None, seed=0, log=print) -> dict:
-    # Every mistake is found here, before the model is built or a file written.
-    check_options(unfreeze_blocks, lr, epochs, batch_size, val_fraction, seed)
-    record, pipeline = runs.load(run_dir)
-    _check_run(run_dir, record, unfreeze_blocks)
-    final = runs.new_dir("finetune", out, Path(run_dir).parent)
-    runs.check_destination(final)
-    if lr > RISKY_LR and unfreeze_blocks:
-        log(f"warning: --lr {lr} with unfrozen layers: large updates wreck the pretrained "
+def finetune_run(run: Run, options: FinetuneOptions, save_to=None, log=print) -> Run:
+    """Fine-tune `run` (a dense or logreg Run): a new Run whose `pipeline` is the whole Keras
+    model, written to `save_to` if given. Every mistake is found before the model is built
+    or a file written."""
+    o = options
+    _check_run(run, o.unfreeze_blocks)
+    if save_to is not None:
+        runs.check_destination(Path(save_to))
+    elif o.refeaturize:
+        raise UserError("refeaturize embeds the dataset with the saved fine-tuned base: give "
+                        "the new run a folder (save_to, or --out).")
+    if o.risky:
+        log(f"warning: --lr {o.lr} with unfrozen layers: large updates wreck the pretrained "
             "weights (accuracy can fall to chance after one epoch); 1e-5 is the safe default.")
-    d = _split(run_dir, record, val_fraction, seed)
-
-    model, base, settings = assemble(record, pipeline)
-    test_ds = image_dataset(d["test_paths"], d["test_y"], d["root"], settings, batch_size,
-                            False, seed, False)
+    d = _split(run, o.val_fraction, o.seed)
+    model, base, settings = assemble(run.record, run.pipeline)
+    test_ds = image_dataset(d["test_paths"], d["test_y"], d["root"], settings, o.batch_size,
+                            False, o.seed, False)
     # Before training, the assembled model must give the head's predictions from images.
     with image_errors(test_ds):
         before_scores = model.predict(test_ds, verbose=0)
-    gap = float(np.abs(before_scores - pipeline.predict_proba(d["test_embeddings"])).max())
+    gap = float(np.abs(before_scores - run.pipeline.predict_proba(d["test_embeddings"])).max())
     # A wrong model is off by far more; GPUs' TF32 convolutions move probabilities ~2e-3.
     if gap > 1e-2:
         raise UserError(f"the assembled model does not reproduce the run's predictions (max "
                         f"difference {gap:.2e}); the cache may be out of date: re-run featurize "
                         "and train the head again.")
-    n_classes = len(record["classes"])
+    n_classes = len(run.classes)
     before = report.evaluate(d["test_y"], before_scores.argmax(1), before_scores, n_classes)
-    trained = _train(model, base, settings, d, (unfreeze_blocks, lr, epochs, batch_size, augment,
-                                                seed), log)
+    trained = _train(model, base, settings, d, o, log)
     with image_errors(test_ds):
         after_scores = model.predict(test_ds, verbose=0)
     after = report.evaluate(d["test_y"], after_scores.argmax(1), after_scores, n_classes)
-    params = {"unfreeze": unfreeze_blocks, "lr": lr, "epochs": epochs,
-              "epochs_run": trained["epochs_run"], "batch_size": batch_size, "augment": augment,
-              "val_fraction": val_fraction, "seed": seed}
-    new_dir = _save(final, run_dir, record, (model, base, settings), d["test_y"], after_scores,
-                    {**trained, "params": params, "metrics": after, "metrics_before": before})
-    result = {"run_dir": new_dir, "before": before, "after": after,
-              "epochs_run": trained["epochs_run"], "paid": trained["paid"],
-              "validation_loss": (trained["validation_loss_before"],
-                                  trained["validation_loss_after"]),
-              "seconds_per_epoch": trained["seconds_per_epoch"],
-              "trained_layers": trained["trained_layers"],
-              "frozen_layers_unchanged": trained["frozen_layers_unchanged"]}
-    if refeaturize:
-        result["cache"] = _refeaturize(settings, d["root"], new_dir, record["cache"])
+    params = {"unfreeze": o.unfreeze_blocks, "lr": o.lr, "epochs": o.epochs,
+              "epochs_run": trained["epochs_run"], "batch_size": o.batch_size,
+              "augment": o.augment, "val_fraction": o.val_fraction, "seed": o.seed}
+    tuned = _new_run(run, (model, base, settings), (d["test_y"], after_scores),
+                     {**trained, "params": params, "metrics": after, "metrics_before": before})
+    if save_to is not None:
+        tuned.save(save_to)
+    if o.refeaturize:
+        tuned.refeaturized = _refeaturize(settings, d["root"], tuned.path, run.record["cache"])
+    return tuned
+
+
+def finetune(run_dir, out=None, log=print, **options) -> dict:
+    """Fine-tune a run folder as `python -m classify finetune` does (`options`: the
+    FinetuneOptions fields), into `out` or a new folder beside the run: what happened, as a
+    dict. (`classify.finetune` is the API, returning a Run.)"""
+    opts = FinetuneOptions(**options)  # checked before the run is even read
+    run = Run.load(run_dir)
+    tuned = finetune_run(run, opts, runs.new_dir("finetune", out, Path(run_dir).parent), log)
+    return summary(tuned)
+
+
+def summary(tuned: Run) -> dict:
+    """A fine-tuned run's facts, as the command line prints them."""
+    r = tuned.record
+    result = {"run_dir": tuned.path, "before": r["metrics_before"], "after": r["metrics"],
+              "epochs_run": r["epochs_run"], "paid": r["paid"],
+              "validation_loss": (r["validation_loss_before"], r["validation_loss_after"]),
+              "seconds_per_epoch": r["seconds_per_epoch"],
+              "trained_layers": r["trained_layers"],
+              "frozen_layers_unchanged": r["frozen_layers_unchanged"]}
+    if tuned.refeaturized is not None:
+        result["cache"] = tuned.refeaturized
     return result
 
 
@@ -363,16 +371,16 @@ def _train(model, base, settings, d, options, log) -> dict:
     """Train the unfrozen blocks and the head; keep the start if no epoch lowered the
     validation loss. What happened, for run.json."""
     import keras
-    unfreeze_blocks, lr, epochs, batch_size, augment, seed = options
-    trained_layers = unfreeze(base, settings.spec, unfreeze_blocks)
+    o = options
+    trained_layers = unfreeze(base, settings.spec, o.unfreeze_blocks)
     frozen_before = {w.path: keras.ops.convert_to_numpy(w) for w in base.weights
                      if not _in(w, trained_layers)}
-    model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy",
+    model.compile(keras.optimizers.Adam(o.lr), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    fit_ds = image_dataset(d["fit_paths"], d["fit_y"], d["root"], settings, batch_size, augment,
-                           seed, True)
-    val_ds = image_dataset(d["val_paths"], d["val_y"], d["root"], settings, batch_size, False,
-                           seed, False)
+    fit_ds = image_dataset(d["fit_paths"], d["fit_y"], d["root"], settings, o.batch_size,
+                           o.augment, o.seed, True)
+    val_ds = image_dataset(d["val_paths"], d["val_y"], d["root"], settings, o.batch_size, False,
+                           o.seed, False)
     callbacks = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=2),
                  keras.callbacks.EarlyStopping(monitor="val_loss", patience=4,
                                                restore_best_weights=True)]
@@ -380,7 +388,7 @@ def _train(model, base, settings, d, options, log) -> dict:
     with image_errors(fit_ds, val_ds):
         val_before = float(model.evaluate(val_ds, verbose=0)[0])
         t0 = time.perf_counter()
-        history = model.fit(fit_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+        history = model.fit(fit_ds, validation_data=val_ds, epochs=o.epochs, callbacks=callbacks,
                             verbose=0)
         seconds = time.perf_counter() - t0
         val_after = float(model.evaluate(val_ds, verbose=0)[0])
@@ -390,7 +398,7 @@ def _train(model, base, settings, d, options, log) -> dict:
     if not paid:
         model.set_weights(start_weights)
         log(f"fine-tuning did not lower the validation loss ({val_before:.4f} -> {val_after:.4f}); "
-            "the saved model keeps the original weights.")
+            "the fine-tuned model keeps the original weights.")
     unchanged = all(np.array_equal(keras.ops.convert_to_numpy(w), frozen_before[w.path])
                     for w in base.weights if w.path in frozen_before)
     return {"trained_layers": trained_layers, "epochs_run": epochs_run, "train_seconds": seconds,
@@ -399,29 +407,33 @@ def _train(model, base, settings, d, options, log) -> dict:
             "validation_loss_after": val_after}
 
 
-def _save(final, run_dir, record, built, test_y, after_scores, facts) -> Path:
-    """The new run folder: model, base weights, split, report, run.json (`facts` added)."""
+def _new_run(run: Run, built, test, facts) -> Run:
+    """The fine-tuned Run (not saved): the source record with `facts` added."""
+    record = {**run.record, "head": "finetune", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "finetuned_from": str(run.path.resolve()) if run.path else None,
+              "score_kind": "probability", **facts}
+    test_y, after_scores = test
+    text = report.class_report(test_y, after_scores.argmax(1), record["classes"])
+    write = functools.partial(_write, built=built, split=run.split, test=test, record=record,
+                              text=text)
+    return Run(record, built[0], write=write, split=run.split, report_text=text)
+
+
+def _write(writer: runs.RunWriter, built, split, test, record, text) -> None:
+    """A fine-tuned run's files: model, base weights, split, report, run.json."""
     model, base, settings = built
-    writer = runs.RunWriter(final)
-    try:
-        model.save(writer.path("model.keras"))
-        if settings.spec.family == "file":
-            base.save(writer.path(FINETUNED_BASE_FILE))
-        else:
-            base.save_weights(writer.path(FINETUNED_BASE_WEIGHTS))
-        shutil.copy(Path(run_dir) / "split.json", writer.path("split.json"))
-        y_pred = after_scores.argmax(1)
-        writer.text("report.txt", report.class_report(test_y, y_pred, record["classes"]))
-        report.confusion_png(test_y, y_pred, record["classes"], writer.path("confusion.png"))
-        new = {**record, "head": "finetune", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "finetuned_from": str(Path(run_dir).resolve()), "score_kind": "probability",
-               **facts}
-        writer.json("run.json", new)
-        writer.json("metrics.json", {"before": facts["metrics_before"], "after": facts["metrics"]})
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+    model.save(writer.path("model.keras"))
+    if settings.spec.family == "file":
+        base.save(writer.path(FINETUNED_BASE_FILE))
+    else:
+        base.save_weights(writer.path(FINETUNED_BASE_WEIGHTS))
+    writer.json("split.json", split)
+    writer.text("report.txt", text)
+    test_y, after_scores = test
+    report.confusion_png(test_y, after_scores.argmax(1), record["classes"],
+                         writer.path("confusion.png"))
+    writer.json("run.json", record)
+    writer.json("metrics.json", {"before": record["metrics_before"], "after": record["metrics"]})
 
 
 def _refeaturize(settings, root, new_dir, cache_path):
@@ -446,9 +458,13 @@ def _in(weight, layer_names) -> bool:
 
 
 def main(argv) -> int:
+    from .api import finetune as finetune_api
     args = _parser().parse_args(argv)
-    r = finetune(args.run, args.unfreeze, args.lr, args.epochs, args.batch_size,
-                 args.val_fraction, args.augment, args.refeaturize, args.out, args.seed)
+    opts = FinetuneOptions(args.unfreeze_blocks, args.lr, args.epochs, args.batch_size,
+                           args.val_fraction, args.augment, args.refeaturize, args.seed)
+    run = Run.load(args.run)
+    save_to = runs.new_dir("finetune", args.out, Path(args.run).parent)
+    r = summary(finetune_api(run, save_to=save_to, options=opts))
     print(f"trained {len(r['trained_layers'])} layers for {r['epochs_run']} epochs "
           f"({r['seconds_per_epoch']:.1f} s per epoch); validation loss "
           f"{r['validation_loss'][0]:.4f} -> {r['validation_loss'][1]:.4f}"

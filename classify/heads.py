@@ -7,6 +7,7 @@ of them drops into the same Pipeline, split, report and run folder.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,9 +21,13 @@ from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import LinearSVC
 from sklearn.utils._param_validation import InvalidParameterError, Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils import check_array
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featurize.errors import UserError
+
+from . import options
 
 
 def _unit(X):
@@ -40,25 +45,37 @@ class CosineCentroid(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         self._validate_params()
-        y = np.asarray(y)
-        self.classes_ = np.unique(y)
-        self.centroids_ = _unit(np.stack([_unit(X)[y == c].mean(axis=0) for c in self.classes_]))
+        # dense, finite, 2-D, non-empty, as many labels as rows; sets n_features_in_
+        X, y = validate_data(self, X, y)
+        check_classification_targets(y)
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        unit = _unit(X)
+        self.centroids_ = _unit(np.stack([unit[yi == k].mean(axis=0)
+                                          for k in range(len(self.classes_))]))
         return self
 
-    def decision_function(self, X):
-        check_is_fitted(self, "centroids_")
+    def _similarities(self, X):
+        """(n, n_classes) cosine similarities to the class means."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
         return _unit(X) @ self.centroids_.T
 
+    def decision_function(self, X):
+        s = self._similarities(X)
+        # scikit-learn's convention for two classes: one column, positive for classes_[1]
+        return s[:, 1] - s[:, 0] if len(self.classes_) == 2 else s
+
     def predict_proba(self, X):
-        z = self.decision_function(X) / self.temperature
+        z = self._similarities(X) / self.temperature
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
     def predict(self, X):
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        similarities = self._similarities(X)  # checks that it is fitted first
+        return self.classes_[similarities.argmax(axis=1)]
 
     def class_distances(self, X):
-        return 1.0 - self.decision_function(X)
+        return 1.0 - self._similarities(X)
 
 
 class CosineKNN(KNeighborsClassifier):
@@ -72,18 +89,35 @@ class CosineKNN(KNeighborsClassifier):
         super().__init__(n_neighbors=n_neighbors, weights=weights, metric="cosine",
                          algorithm="brute")
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False  # class_distances works on dense unit rows
+        return tags
+
     def fit(self, X, y):
-        self.train_ = (_unit(X), np.asarray(y))
-        return super().fit(X, y)
+        check_array(X, accept_sparse=False)  # a clear error for sparse input, before fitting
+        super().fit(X, y)
+        labels = np.asarray(y)
+        if labels.ndim == 2 and labels.shape[1] == 1:  # a column vector (fit warned)
+            labels = labels[:, 0]
+        self.train_ = (_unit(X), labels)
+        return self
 
     def class_distances(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
         train, labels = self.train_
         d = 1.0 - _unit(X) @ train.T
         return np.stack([d[:, labels == c].min(axis=1) for c in self.classes_], axis=1)
 
 
 class DenseHead(ClassifierMixin, BaseEstimator):
-    """One hidden layer, dropout, Adam, early stopping on a validation slice (Keras)."""
+    """One hidden layer, dropout, Adam, early stopping on a validation slice (Keras).
+
+    Deterministic from `seed` alone: the initializers, the dropout and the order of the
+    training rows are seeded from it, and no global random generator (Python's, NumPy's,
+    the backend's) is read or reseeded.
+    """
 
     _parameter_constraints = {
         "hidden": [Interval(Integral, 1, None, closed="left")],
@@ -102,18 +136,26 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         self.epochs, self.batch_size = epochs, batch_size
         self.validation_fraction, self.patience, self.seed = validation_fraction, patience, seed
 
+    def _seeds(self) -> list[int]:
+        """Independent seeds for the two layers' initializers, the dropout, the row order."""
+        return [int(s) for s in np.random.SeedSequence(self.seed).generate_state(4)]
+
     def build(self, X, n_classes: int):
         import keras
-        keras.utils.set_random_seed(self.seed)
+        hidden_seed, classes_seed, dropout_seed, _ = self._seeds()
         inputs = keras.Input((X.shape[1],), name="embedding")
         # Standardise inside the head: unit-norm embeddings have tiny entries, which makes
         # Adam crawl (about 150 epochs instead of about 30 on LFW).
         scale = keras.layers.Normalization(name="standardize")
         scale.adapt(X)
         x = scale(inputs)
-        x = keras.layers.Dense(self.hidden, activation="relu", name="hidden")(x)
-        x = keras.layers.Dropout(self.dropout, name="dropout")(x)
-        out = keras.layers.Dense(n_classes, activation="softmax", name="classes")(x)
+        # Seeded initializers and dropout: unseeded ones draw from Python's global generator.
+        init = keras.initializers.GlorotUniform
+        x = keras.layers.Dense(self.hidden, activation="relu", name="hidden",
+                               kernel_initializer=init(seed=hidden_seed))(x)
+        x = keras.layers.Dropout(self.dropout, name="dropout", seed=dropout_seed)(x)
+        out = keras.layers.Dense(n_classes, activation="softmax", name="classes",
+                                 kernel_initializer=init(seed=classes_seed))(x)
         model = keras.Model(inputs, out, name="dense_head")
         model.compile(keras.optimizers.Adam(self.learning_rate),
                       "sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -122,28 +164,45 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         self._validate_params()
         import keras
-        from sklearn.model_selection import train_test_split
-        X = np.asarray(X, np.float32)
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
         self.classes_, yi = np.unique(y, return_inverse=True)
-        Xt, Xv, yt, yv = train_test_split(X, yi, test_size=self.validation_fraction,
-                                          random_state=self.seed,
-                                          stratify=_stratify(yi, self.validation_fraction))
+        Xt, Xv, yt, yv = self._validation_split(X, yi)
         self.model_ = self.build(Xt, len(self.classes_))
         # min_delta: the validation loss creeps down for 100+ epochs after accuracy is flat.
-        stop = keras.callbacks.EarlyStopping(patience=self.patience, min_delta=1e-3,
+        stop = keras.callbacks.EarlyStopping("val_loss" if len(yv) else "loss",
+                                             patience=self.patience, min_delta=1e-3,
                                              restore_best_weights=True)
-        history = self.model_.fit(Xt, yt, validation_data=(Xv, yv), epochs=self.epochs,
-                                  batch_size=self.batch_size, callbacks=[stop], verbose=0)
+        rows = _shuffled_rows()(Xt, yt, self.batch_size, self._seeds()[3])
+        history = self.model_.fit(rows, steps_per_epoch=rows.steps, shuffle=False,
+                                  validation_data=(Xv, yv) if len(yv) else None,
+                                  validation_batch_size=self.batch_size,
+                                  epochs=self.epochs, callbacks=[stop], verbose=0)
         self.epochs_run_ = len(history.history["loss"])
         return self
 
+    def _validation_split(self, X, y):
+        """(X_train, X_val, y_train, y_val); no validation slice with fewer than 2 rows
+        (early stopping then watches the training loss)."""
+        from sklearn.model_selection import train_test_split
+        if len(y) < 2:
+            return X, X[:0], y, y[:0]
+        return train_test_split(X, y, test_size=self.validation_fraction,
+                                random_state=self.seed,
+                                stratify=_stratify(y, self.validation_fraction))
+
     def predict_proba(self, X):
-        check_is_fitted(self, "model_")
-        return np.asarray(self.model_.predict(np.asarray(X, np.float32), verbose=0,
-                                              batch_size=1024))
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32)
+        from keras import ops
+        # Calling the model, not model.predict: that sets up a data pipeline and traces a
+        # function per batch shape, about 0.1 s whatever the number of rows.
+        return np.concatenate([ops.convert_to_numpy(self.model_(X[i:i + 1024], training=False))
+                               for i in range(0, len(X), 1024)])
 
     def predict(self, X):
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)  # checks that it is fitted first
+        return self.classes_[proba.argmax(axis=1)]
 
     # The Keras model travels inside the joblib file as the bytes of a .keras archive.
     def __getstate__(self):
@@ -156,6 +215,35 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         if isinstance(state.get("model_"), bytes):
             state["model_"] = keras_from_bytes(state["model_"])
         self.__dict__.update(state)
+
+
+@functools.cache
+def _shuffled_rows():
+    """The class of `fit`'s training data (made on first use: it needs Keras)."""
+    import keras
+
+    class ShuffledRows(keras.utils.PyDataset):
+        """The training rows in a new order each epoch, from a seed alone. Endless: batch
+        i is batch i % steps of epoch i // steps, so the order never depends on when Keras
+        (or its prefetching thread) asks for a batch; Keras's own shuffling would use
+        Python's or the backend's global generator."""
+
+        def __init__(self, X, y, batch_size: int, seed: int):
+            super().__init__()
+            self.X, self.y, self.batch_size, self.seed = X, y, batch_size, seed
+            self.steps = -(-len(y) // batch_size)  # batches per epoch
+
+        @property
+        def num_batches(self):
+            return None
+
+        def __getitem__(self, index):
+            epoch, step = divmod(index, self.steps)
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.y))
+            rows = order[step * self.batch_size:(step + 1) * self.batch_size]
+            return self.X[rows], self.y[rows]
+
+    return ShuffledRows
 
 
 def _stratify(y, fraction: float):
@@ -207,7 +295,7 @@ HEADS = {h.name: h for h in [
     Head("dense", "small Keras MLP on the embeddings, early stopping",
          lambda **p: DenseHead(**p), "probability"),
 ]}
-DEFAULT_HEAD = "logreg"
+DEFAULT_HEAD = options.DEFAULT_HEAD
 
 
 def get_head(name: str) -> Head:
@@ -228,6 +316,16 @@ def parse_params(head: Head, pairs: list[str]) -> dict:
             params[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             params[key] = value
+    return check_params(head, params)
+
+
+def check_params(head: Head, params: dict) -> dict:
+    """Keyword parameters (from --param or a Python dict), checked against the head's own
+    by scikit-learn's validation; the same errors either way."""
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise UserError(f"the parameters of head {head.name} must be a dict of names to values "
+                        f"(e.g. {{'C': 10}}), not {params!r}.")
+    params = dict(params)
     valid = set(tunable(head.make()).get_params(deep=False))
     unknown = sorted(set(params) - valid)
     if unknown:

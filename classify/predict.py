@@ -14,21 +14,20 @@ from featurize.pipeline import batches
 from . import heads, runs
 
 
-def predict(inputs, run_dir, top_k: int = 5, batch_size: int = 32, workers=None) -> list[dict]:
+def predict(inputs, run, top_k: int = 5, batch_size: int = 32, workers=None) -> list[dict]:
     """One result per image: top-k classes with probabilities (or distances), or an error.
-    `top_k` above the number of classes gives them all."""
+    `top_k` above the number of classes gives them all. `run`: a run folder or a Run."""
     check_range("--top-k", top_k, 1)
     check_range("batch_size", batch_size, 1)
     check_range("workers", workers, 1)
-    record, model = runs.load(run_dir)
+    record, model = (run.record, run.pipeline) if isinstance(run, runs.Run) else runs.load(run)
     items = collect(inputs)
     kind = record.get("score_kind", "probability")
+    extractor = extractor_for_run(record, model)
     if record["head"] == "finetune":  # the whole model: images in, probabilities out
-        extractor = _WholeModel(model, EmbeddingSettings.from_json(record["provenance"]["settings"]))
         classes = record["classes"]
         score = lambda emb: emb  # noqa: E731
-    else:  # exactly the cache's backbone settings, then the fitted pipeline
-        extractor = extractor_for(record["provenance"])
+    else:  # the cache's embeddings, then the fitted pipeline
         classes = [record["classes"][k] for k in model.classes_]  # the score columns
         if kind == "distance":
             head = model.named_steps["head"]
@@ -47,6 +46,14 @@ def predict(inputs, run_dir, top_k: int = 5, batch_size: int = 32, workers=None)
             results.append({"path": item.key, "prediction": top[0]["class"], "top": top})
     position = {it.key: n for n, it in enumerate(items)}
     return sorted(results, key=lambda r: position[r["path"]])
+
+
+def extractor_for_run(record: dict, model):
+    """What turns a run's input images into what its head takes: exactly the cache's
+    backbone settings, or for a fine-tuned run the whole model (probabilities out)."""
+    if record["head"] == "finetune":
+        return _WholeModel(model, EmbeddingSettings.from_json(record["provenance"]["settings"]))
+    return extractor_for(record["provenance"])
 
 
 class _WholeModel:

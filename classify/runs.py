@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import joblib
+import numpy as np
 
 from featurize.errors import UserError
 
@@ -188,3 +189,169 @@ def table(base=DEFAULT_DIR) -> str:
         lines.append(f"{name:<34} {head:<9} {backbone:<18} {n:>7} {acc:>7.4f} {f1:>7.4f} "
                      f"{secs:>8.2f}  {cache_name}")
     return "\n".join(lines)
+
+
+class Run:
+    """A trained head (or fine-tuned model) with its record, in memory and maybe on disk.
+
+    `record` is run.json's content; `pipeline` the fitted scikit-learn Pipeline (features and
+    head), or the Keras model of a fine-tuned run (images in, probabilities out); `path` the
+    run folder, None until saved. `predict` and `predict_proba` take an (N, D) array of
+    embeddings from the run's cache settings, or image files and folders, which are embedded
+    exactly as the cache was (a fine-tuned run takes images only).
+    """
+
+    def __init__(self, record: dict, pipeline, path=None, *, write=None, split=None,
+                 warnings=(), report_text: str = ""):
+        self.record, self.pipeline = record, pipeline
+        self.path = Path(path) if path is not None else None
+        self.warnings = list(warnings)  # for stderr: the run may mislead
+        self.report_text = report_text
+        self.refeaturized = None  # the cache a fine-tune with refeaturize wrote
+        self._write = write  # (RunWriter) -> None: the run's files; None: copy them from path
+        self._split = split
+        self._extractor = None
+
+    def __repr__(self) -> str:
+        where = self.path or "not saved"
+        return f"<Run {self.head} on {len(self.classes)} classes, {where}>"
+
+    @property
+    def head(self) -> str:
+        return self.record["head"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.record["classes"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.record["metrics"]
+
+    @property
+    def run_dir(self):  # the older name of `path`
+        return self.path
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.record["cache"])
+
+    @property
+    def notes(self) -> list[str]:
+        return [n for n in self.record.get("notes", []) if n not in self.warnings]
+
+    @property
+    def n_images(self) -> int:
+        return self.record["n_images"]
+
+    @property
+    def train_seconds(self) -> float:
+        return self.record["train_seconds"]
+
+    @property
+    def predict_seconds(self) -> float:
+        return self.record.get("predict_seconds", float("nan"))
+
+    @property
+    def split(self) -> dict:
+        """split.json's content: the train/test paths of each fold."""
+        if self._split is None:
+            where = self.path / "split.json" if self.path else "the run"
+            try:
+                self._split = json.loads((self.path / "split.json").read_text())
+            except (OSError, ValueError, TypeError):
+                raise UserError(f"{where} is missing or damaged; train the head again with "
+                                "python -m classify.") from None
+        return self._split
+
+    def save(self, directory) -> Path:
+        """Write the run folder (the files `python -m classify` writes) to `directory`,
+        which must not exist; it becomes `path` if the run was not saved yet."""
+        writer = RunWriter(Path(directory))
+        try:
+            (self._write or self._copy_files)(writer)
+            saved = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        if self.path is None:
+            self.path = saved
+        return saved
+
+    def _copy_files(self, writer: RunWriter) -> None:
+        for item in sorted(self.path.iterdir()):
+            if item.is_file():
+                shutil.copy2(item, writer.path(item.name))
+
+    @classmethod
+    def load(cls, directory) -> "Run":
+        """A run folder made by `python -m classify`, `classify.train(save_to=...)` or a
+        fine-tune; a hand-edited or partial one is a UserError."""
+        record, pipeline = load(directory)
+        report = Path(directory) / "report.txt"
+        text = report.read_text() if report.is_file() else ""
+        return cls(record, pipeline, directory, report_text=text)
+
+    def predict_proba(self, paths_or_X) -> np.ndarray:
+        """(N, C) scores, columns in `classes` order: probabilities for every head that has
+        them (ridge: its decision values)."""
+        from . import heads
+        X = self._embeddings(paths_or_X)
+        if self.head == "finetune":
+            return X  # the whole model gave its probabilities
+        scores = heads.scores(self.pipeline, X)
+        order = np.argsort(self.pipeline.classes_)  # columns by class index (training keeps all)
+        return scores[:, order]
+
+    def predict(self, paths_or_X) -> list[str]:
+        """The predicted class name of each row or image."""
+        X = self._embeddings(paths_or_X)
+        if self.head == "finetune":
+            return [self.classes[j] for j in X.argmax(axis=1)]
+        return [self.classes[int(k)] for k in self.pipeline.predict(X)]
+
+    def _embeddings(self, paths_or_X) -> np.ndarray:
+        """Embeddings given as an array, or of images (a fine-tuned run: its probabilities)."""
+        if _are_paths(paths_or_X):
+            inputs = [paths_or_X] if isinstance(paths_or_X, (str, os.PathLike)) else paths_or_X
+            return self._embed_images(inputs)
+        if self.head == "finetune":
+            raise UserError("a fine-tuned run predicts from images, not embeddings (its "
+                            "backbone changed); pass image paths.")
+        try:
+            X = np.asarray(paths_or_X, dtype=np.float32)
+        except (TypeError, ValueError):
+            X = None
+        want = getattr(self.pipeline, "n_features_in_", None)
+        if X is None or X.ndim != 2 or (want is not None and X.shape[1] != want):
+            raise UserError(f"give image paths or an (N, {want}) array of embeddings from the "
+                            "run's cache settings, not "
+                            f"{'a ' + str(X.shape) + ' array' if X is not None else type(paths_or_X).__name__}.")
+        return X
+
+    def _embed_images(self, inputs) -> np.ndarray:
+        from featurize.images import collect
+        from featurize.pipeline import batches
+
+        from .predict import extractor_for_run
+        items = collect(inputs)
+        if self._extractor is None:  # built once: loading a backbone takes seconds
+            self._extractor = extractor_for_run(self.record, self.pipeline)
+        rows, failed = [], []
+        for batch in batches(items, self._extractor):
+            failed += batch.failed
+            if batch.items:
+                rows.append(np.asarray(batch.embeddings))
+        if failed:
+            shown = "; ".join(f"{item.key} ({reason})" for item, reason in failed[:3])
+            raise UserError(f"{len(failed)} of {len(items)} images cannot be used: {shown}; "
+                            "remove them (classify.predict reports them one by one).")
+        return np.concatenate(rows)
+
+
+def _are_paths(value) -> bool:
+    """A path, or a non-empty list of paths (rather than an array of numbers)."""
+    if isinstance(value, (str, os.PathLike)):
+        return True
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(v, (str, os.PathLike)) for v in value))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +15,8 @@ from featurize import cache as cache_io
 from featurize.errors import UserError
 
 from . import data, heads, report, runs
-
-
-@dataclass
-class Result:
-    run_dir: Path
-    cache: Path
-    metrics: dict
-    classes: list[str]
-    n_images: int
-    train_seconds: float
-    predict_seconds: float
-    notes: list[str] = field(default_factory=list)
-    report_text: str = ""
-    warnings: list[str] = field(default_factory=list)  # for stderr: the run may mislead
+from .options import DEFAULT_HEAD, TrainOptions
+from .runs import Run
 
 
 def provenance(attrs: dict) -> dict:
@@ -46,54 +34,76 @@ def incomplete_warning(c) -> str:
             "embedded (featurize was interrupted); run featurize again to finish it")
 
 
-def train(cache=None, head="logreg", params=(), min_per_class=1, max_per_class=None,
-          test_size=0.25, cv=None, seed=0, normalize=None, standardize=False, pca=None,
-          out=None, runs_dir=runs.DEFAULT_DIR) -> Result:
-    # Every option is checked before the cache is read and long before a file is written.
-    spec = heads.get_head(head)
-    kwargs = heads.parse_params(spec, list(params))
-    data.check_options(min_per_class, max_per_class, test_size, cv, seed, pca)
-    run_dir = runs.new_dir(head, out, runs_dir)
-    runs.check_destination(run_dir)
-    if isinstance(cache, cache_io.Cache):  # already read (benchmarks, notebooks)
-        c, path = cache, Path(cache.path)
-    else:
-        path = Path(data.find_cache(cache))
-        c = cache_io.read(path)
-    sel = data.select(c, min_per_class, max_per_class, min_needed=cv or 2, cv=cv)
+def read_cache(cache):
+    """(Cache, path) for a Cache already read (notebooks, benchmarks), a path, or None (the
+    newest cache under data/cache/)."""
+    if isinstance(cache, cache_io.Cache):
+        return cache, Path(cache.path)
+    path = Path(data.find_cache(cache))
+    return cache_io.read(path), path
+
+
+def fit_run(cache, options: TrainOptions, save_to=None) -> Run:
+    """Train and evaluate `options.head` on a cache: a Run, written to `save_to` if given
+    (no file at all otherwise). `options` was checked when made; the destination is
+    checked before the cache is read, so a mistake costs nothing."""
+    o = options
+    if save_to is not None:
+        runs.check_destination(Path(save_to))
+    c, path = read_cache(cache)
+    sel = data.select(c, o.min_per_class, o.max_per_class, min_needed=o.cv or 2, cv=o.cv)
     warnings = [w for w in [incomplete_warning(c)] if w]
-    if normalize is None:
-        normalize = data.default_normalize(c.attrs.get("backbone", ""))
-    folds = data.splits(sel.y, test_size, cv, seed)
+    normalize = data.default_normalize(c.attrs.get("backbone", "")) if o.normalize is None \
+        else o.normalize
+    folds = data.splits(sel.y, o.test_size, o.cv, o.seed)
     n_train = min(len(tr) for tr, _ in folds)
-    heads.check_training_rows(spec, kwargs, n_train)
-    data.check_pca(pca, n_train, sel.X.shape[1])
-
-    def fresh():
-        return data.pipeline(spec.make(**kwargs), normalize, standardize, pca, seed)
-
-    model, fitted = _evaluate(fresh, sel, folds, head, kwargs)
-    if cv:  # the saved head is fitted on all selected images; folds only measured it
-        model = _fit(fresh(), sel.X, sel.y, head, kwargs)
-    record = {
-        "version": runs.RUN_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "head": head, "params": kwargs,
-        "features": {"normalize": normalize, "standardize": standardize, "pca": pca},
-        "selection": {"min_per_class": min_per_class, "max_per_class": max_per_class},
-        "evaluation": {"test_size": None if cv else test_size, "cv": cv, "seed": seed},
-        "cache": str(path.resolve()), "provenance": provenance(c.attrs),
-        "classes": sel.classes, "n_images": len(sel.y), "metrics": fitted["metrics"],
-        "folds": fitted["folds"] if cv else None, "train_seconds": fitted["train_s"],
-        "predict_seconds": fitted["predict_s"], "notes": sel.notes + warnings,
-        "score_kind": spec.scores,
-    }
-    split = {"seed": seed, "test_size": None if cv else test_size, "cv": cv,
+    heads.check_training_rows(o.spec, o.params, n_train)
+    data.check_pca(o.pca, n_train, sel.X.shape[1])
+    fresh = functools.partial(_fresh_pipeline, o, normalize)
+    model, fitted = _evaluate(fresh, sel, folds, o.head, o.params)
+    if o.cv:  # the saved head is fitted on all selected images; folds only measured it
+        model = _fit(fresh(), sel.X, sel.y, o.head, o.params)
+    record = _record(o, normalize, (path, c.attrs), sel, fitted, warnings)
+    split = {"seed": o.seed, "test_size": None if o.cv else o.test_size, "cv": o.cv,
              "folds": [{"train": [sel.paths[i] for i in tr], "test": [sel.paths[i] for i in te]}
                        for tr, te in folds]}
     text = report.class_report(fitted["y_true"], fitted["y_pred"], sel.classes)
-    run_dir = _write_run(run_dir, record, split, text, model, fitted)
-    return Result(run_dir, path, fitted["metrics"], sel.classes, len(sel.y), fitted["train_s"],
-                  fitted["predict_s"], sel.notes, text, warnings)
+    write = functools.partial(_write_run, record=record, split=split, text=text, model=model,
+                              fitted=fitted)
+    run = Run(record, model, write=write, split=split, warnings=warnings, report_text=text)
+    if save_to is not None:
+        run.save(save_to)
+    return run
+
+
+def train(cache=None, head=DEFAULT_HEAD, params=(), out=None, runs_dir=runs.DEFAULT_DIR,
+          **options) -> Run:
+    """Train as `python -m classify` does: always writes the run folder, `out` or
+    `runs_dir/<timestamp>-<head>`. `params` is a dict or `key=value` strings, `options`
+    the other TrainOptions fields. (`classify.train` is the in-memory API.)"""
+    opts = TrainOptions(head, params, **options)  # every option checked, before anything
+    return fit_run(cache, opts, runs.new_dir(head, out, runs_dir))
+
+
+def _fresh_pipeline(o: TrainOptions, normalize: bool):
+    return data.pipeline(o.spec.make(**o.params), normalize, o.standardize, o.pca, o.seed)
+
+
+def _record(o: TrainOptions, normalize: bool, cache, sel, fitted, warnings) -> dict:
+    """run.json's content. `cache`: (path, root attributes)."""
+    path, attrs = cache
+    return {
+        "version": runs.RUN_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "head": o.head, "params": o.params,
+        "features": {"normalize": normalize, "standardize": o.standardize, "pca": o.pca},
+        "selection": {"min_per_class": o.min_per_class, "max_per_class": o.max_per_class},
+        "evaluation": {"test_size": None if o.cv else o.test_size, "cv": o.cv, "seed": o.seed},
+        "cache": str(path.resolve()), "provenance": provenance(attrs),
+        "classes": sel.classes, "n_images": len(sel.y), "metrics": fitted["metrics"],
+        "folds": fitted["folds"] if o.cv else None, "train_seconds": fitted["train_s"],
+        "predict_seconds": fitted["predict_s"], "notes": sel.notes + warnings,
+        "score_kind": o.spec.scores,
+    }
 
 
 def _fit(model, X, y, head: str, params: dict):
@@ -128,17 +138,12 @@ def _evaluate(fresh, sel, folds, head: str, params: dict):
                    "y_pred": np.concatenate(y_pred)}
 
 
-def _write_run(run_dir, record, split, text, model, fitted) -> Path:
-    writer = runs.RunWriter(run_dir)
-    try:
-        record["confusion_png"] = report.confusion_png(
-            fitted["y_true"], fitted["y_pred"], record["classes"], writer.path("confusion.png"))
-        writer.json("run.json", record)
-        writer.json("metrics.json", record["metrics"])
-        writer.json("split.json", split)
-        writer.text("report.txt", text)
-        writer.model(model)
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+def _write_run(writer: runs.RunWriter, record, split, text, model, fitted) -> None:
+    """A trained run's files (Run.save commits or aborts the writer)."""
+    record["confusion_png"] = report.confusion_png(
+        fitted["y_true"], fitted["y_pred"], record["classes"], writer.path("confusion.png"))
+    writer.json("run.json", record)
+    writer.json("metrics.json", record["metrics"])
+    writer.json("split.json", split)
+    writer.text("report.txt", text)
+    writer.model(model)

@@ -204,11 +204,13 @@ def check_pairs(pairs: list[Pair], where, protocol: bool) -> np.ndarray:
 
 def verify(cache_path, pairs_file, train_pairs=None, metric="cosine", skip_missing=False,
            roc_path=None) -> dict:
-    from featurize import cache as cache_io
+    """The protocol's figures as a JSON-ready dict (`classify.verify` wraps them in a
+    Verification). `cache_path`: a cache file, a Cache already read, or None (the newest)."""
+    from .train import read_cache
     if metric not in ("cosine", "euclidean"):
         raise UserError(f"--metric must be cosine or euclidean, not {metric!r}.")
     check_roc_path(roc_path)
-    c = cache_io.read(cache_path)
+    c, cache_path = read_cache(cache_path)
     pairs = parse_pairs(pairs_file)
     train = None
     if train_pairs:

@@ -1,1 +1,46 @@
-"""Run a frozen pretrained backbone once per image and cache the embeddings to HDF5."""
+"""Run a frozen pretrained backbone once per image and cache the embeddings to HDF5.
+
+The Python API (see featurize.api):
+
+    import featurize
+    embedder = featurize.Embedder("vggface-vgg16")
+    X = embedder(["a.jpg", "b.jpg"])                 # (2, 512) float32, like the cache's rows
+    cache = featurize.embed_folder("data/lfw", embedder)
+    cache = featurize.open_cache("data/cache/FILE.h5")  # .X .y .paths .classes .to_pandas()
+
+Names are imported on first use, so `import featurize` stays cheap (no Keras, no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "Embedder": "api",
+    "embed_folder": "api",
+    "open_cache": "api",
+    "EmbedderConfig": "extractor",
+    "EmbeddingSettings": "extractor",
+    "FeaturizeOptions": "run",
+    "RunOptions": "run",
+    "Summary": "run",
+    "Cache": "cache",
+    "UserError": "errors",
+    "EmbeddingTransformer": "estimators",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featurize' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -16,6 +16,8 @@ from .errors import UserError
 
 VGGFACE_RELEASE = "https://github.com/rcmalli/keras-vggface/releases/download/v2.0/"
 VGGFACE_CACHE_SUBDIR = "models/vggface"  # under KERAS_HOME (~/.keras), as keras-vggface uses
+# Identity names of the same release, by the number of classes of the top (decode_predictions).
+VGGFACE_LABEL_FILES = {2622: "rcmalli_vggface_labels_v1.npy", 8631: "rcmalli_vggface_labels_v2.npy"}
 
 
 def keras_layer_name(name: str) -> str:

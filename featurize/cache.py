@@ -132,6 +132,29 @@ class Cache:
     damaged: list[int] = field(default_factory=list)  # rows failing their checksum (zeros here)
     sizes: np.ndarray | None = None
     mtimes: np.ndarray | None = None
+    summary: object = None  # the featurize run's Summary, when featurize.embed_folder made it
+
+    @property
+    def X(self) -> np.ndarray:  # noqa: N802 - scikit-learn's name
+        """The embeddings, (N, D) float32, one row per path."""
+        return self.embeddings
+
+    @property
+    def y(self) -> np.ndarray:
+        """The label of each row: an index into `classes`, -1 when unlabelled."""
+        return self.labels
+
+    def to_pandas(self):
+        """A DataFrame: path, label (class name, missing when unlabelled) and embedding (one
+        float32 array per row), in the cache's order."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UserError("Cache.to_pandas needs pandas: pip install pandas (or use .X, .y, "
+                            ".paths and .classes).") from None
+        names = [self.classes[i] if i >= 0 else None for i in self.labels.tolist()]
+        return pd.DataFrame({"path": self.paths, "label": names,
+                             "embedding": list(self.embeddings)})
 
     @property
     def settings(self):

@@ -11,11 +11,19 @@ import warnings
 from contextlib import contextmanager
 
 from . import cache
-from .backbones import BACKBONES, DEFAULT_BACKBONE
+from .backbones import BACKBONES
 from .errors import ArgumentParser, run_command
 
 
+def _default(options, name: str):
+    """The default of an option, as its dataclass field says: written once, there."""
+    from dataclasses import fields
+    return next(f for f in fields(options) if f.name == name).default
+
+
 def _parser() -> ArgumentParser:
+    from .extractor import POOLS, PRECISIONS, RESIZES, EmbedderConfig as E
+    from .run import RunOptions as R
     p = ArgumentParser(
         prog="python -m featurize",
         description="Embed every image of a folder once with a frozen backbone and cache the "
@@ -23,29 +31,33 @@ def _parser() -> ArgumentParser:
         epilog="Check a cache: python -m featurize verify CACHE [--sample K] "
                "(see python -m featurize verify --help).")
     p.add_argument("source", nargs="?", help="folder of class folders, flat folder, or list file")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="default: %(default)s")
-    p.add_argument("--weights", default="default",
+    p.add_argument("--backbone", default=_default(E, "backbone"), help="default: %(default)s")
+    p.add_argument("--weights", default=_default(E, "weights"),
                    help="'default' (published weights, downloaded once), 'none' (random, seeded) "
                         "or a weight file path")
     p.add_argument("--layer", help="embed this layer's output instead of the last conv block")
-    p.add_argument("--pool", choices=["avg", "max"], help="global pooling of a conv layer "
+    p.add_argument("--pool", choices=POOLS, help="global pooling of a conv layer "
                    "(default: the backbone's, avg)")
     p.add_argument("--input-size", type=int, help="square input side (default: the backbone's)")
     p.add_argument("--crop", type=float, help="centre-crop this fraction before resizing")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image")
-    p.add_argument("--precision", choices=["float32", "mixed"], default="float32")
-    p.add_argument("--jitter", type=int, default=0, help="dlib-resnet: jittered descriptors")
-    p.add_argument("--resize", choices=["cpu", "device"], default="cpu",
+    p.add_argument("--precision", choices=PRECISIONS, default=_default(E, "precision"))
+    p.add_argument("--jitter", type=int, default=_default(E, "jitter"),
+                   help="dlib-resnet: jittered descriptors")
+    p.add_argument("--resize", choices=RESIZES, default=_default(E, "resize"),
                    help="where to crop and resize: cpu (Pillow) or device (in the model, on the "
                         "GPU; from the first image's size: for folders of one image size)")
     p.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 32 on a CPU")
     p.add_argument("--workers", type=int, help="decoding workers (default: CPU count)")
     p.add_argument("--out", help="cache file (default: derived from dataset and settings)")
-    p.add_argument("--cache-dir", default=str(cache.DEFAULT_DIR), help="default: %(default)s")
-    p.add_argument("--checkpoint-rows", type=int, default=1024,
+    p.add_argument("--cache-dir", default=str(_default(R, "cache_dir")),
+                   help="default: %(default)s")
+    p.add_argument("--checkpoint-rows", type=int, default=_default(R, "flush_rows"),
                    help="journal progress every N images (or 30 s): the most a kill can lose")
-    p.add_argument("--check", choices=["mtime", "content"], default="mtime",
-                   help="what tells a file changed since it was embedded: size + mtime (the default) or also a hash of its content (reads each cached file once per run)")
+    p.add_argument("--check", choices=cache.CHECKS, default=_default(R, "check"),
+                   help="what tells a file changed since it was embedded: size + mtime (the "
+                        "default) or also a hash of its content (reads each cached file once "
+                        "per run)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-backbones", action="store_true", help="list backbones and exit")
@@ -158,14 +170,23 @@ def _main(argv) -> int:
     return _featurize(args)
 
 
+def options_from(args):
+    """The FeaturizeOptions the command line's arguments give (checked when made)."""
+    from .extractor import EmbedderConfig
+    from .run import FeaturizeOptions, RunOptions
+    embedding = EmbedderConfig(
+        backbone=args.backbone, weights=args.weights, layer=args.layer, pool=args.pool,
+        input_size=args.input_size, crop=args.crop, flip=args.flip, precision=args.precision,
+        jitter=args.jitter, resize=args.resize)
+    run = RunOptions(batch_size=args.batch_size, workers=args.workers,
+                     flush_rows=args.checkpoint_rows, check=args.check,
+                     progress=not args.quiet, out=args.out, cache_dir=args.cache_dir)
+    return FeaturizeOptions(embedding, run)
+
+
 def _featurize(args) -> int:
     from .run import featurize
-    s = featurize(args.source, backbone=args.backbone, weights=args.weights, layer=args.layer,
-                  pool=args.pool, input_size=args.input_size, crop=args.crop, flip=args.flip,
-                  precision=args.precision, jitter=args.jitter, batch_size=args.batch_size,
-                  workers=args.workers, out=args.out, cache_dir=args.cache_dir,
-                  progress=not args.quiet, flush_rows=args.checkpoint_rows, resize=args.resize,
-                  check=args.check)
+    s = featurize(args.source, options_from(args))
     for note in s.notes:
         print(f"warning: {note}", file=sys.stderr)
     for key, reason in list(s.failed.items())[:10]:

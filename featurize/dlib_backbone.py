@@ -61,7 +61,12 @@ def face_chip(rgb: np.ndarray) -> tuple[np.ndarray, bool]:
 def describe(path: str, jitter: int = 0) -> np.ndarray:
     """One image file -> its 128-D descriptor (runs in a worker process)."""
     from .images import read_rgb
-    chip, _ = face_chip(read_rgb(path))
+    return describe_rgb(read_rgb(path), jitter)
+
+
+def describe_rgb(rgb: np.ndarray, jitter: int = 0) -> np.ndarray:
+    """One RGB uint8 image (in memory) -> its 128-D descriptor."""
+    chip, _ = face_chip(rgb)
     _, _, net = _models()
     return np.asarray(net.compute_face_descriptor(chip, jitter), dtype=np.float32)
 

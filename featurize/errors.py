@@ -40,10 +40,16 @@ def run_command(command, *args) -> int:
     exit code 130 (work already done has been committed where it was made)."""
     import sys
     try:
-        return command(*args)
+        code = command(*args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head` closed the output early: not an error of ours
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141

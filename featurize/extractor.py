@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from .backbones import Backbone, get_backbone, keras_layer_name
+from .backbones import DEFAULT_BACKBONE, Backbone, get_backbone, keras_layer_name
 from .errors import UserError, check_range
-from .images import ModelInput
+from .images import MAX_PIXELS, ModelInput
 from .weights import RANDOM_SEED, Weights, load_into, resolve
 
 RESIZE = "pil-bilinear"  # part of the key: a different resize gives different embeddings
@@ -66,44 +67,97 @@ class EmbeddingSettings:
         return ModelInput(self.input_size, self.crop or None, source)
 
 
-def make_settings(backbone="vggface-resnet50", weights="default", layer=None, pool=None,
-                  input_size=None, crop=None, flip=False, precision="float32", jitter=0,
-                  download=True, source_size=None) -> tuple[EmbeddingSettings, Weights]:
-    """Validate the options and resolve the weights; no Keras import.
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """The embedding options, checked when made (no Keras import, no download): what the
+    `--backbone ... --resize` options and `featurize.Embedder(...)` take. Every default is
+    written here once; the command line reads its defaults from these fields.
 
-    source_size (height, width): crop and resize on the accelerator, from images brought to
-    that size (see `ModelInput`); None resizes on the CPU with Pillow.
+    resize "device" crops and resizes on the accelerator, from images brought to
+    `source_size` (height, width); featurize takes it from the dataset's first image.
     """
-    spec = get_backbone(backbone)
-    _check_input_size(spec, input_size)
-    check_range("--crop", crop, kind=float)
-    if crop is not None and not 0 < crop <= 1:
-        raise UserError(f"--crop must be a fraction in (0, 1], not {crop}.")
-    check_range("--jitter", jitter, 0, MAX_JITTER)
-    if pool not in (None, "avg", "max"):
-        raise UserError(f"--pool must be avg or max, not {pool!r}.")
-    if precision not in ("float32", "mixed"):
-        raise UserError(f"--precision must be float32 or mixed, not {precision!r}.")
-    if spec.family == "dlib":
-        if layer or pool or input_size or flip or crop or source_size:
-            raise UserError("dlib-resnet takes no --layer/--pool/--input-size/--flip/--crop/"
-                            "--resize: it aligns a 150x150 face chip itself (use --jitter N to "
-                            "average).")
-    elif jitter:
-        raise UserError("--jitter is for the dlib-resnet backbone only.")
-    include_top = bool(layer) and _is_top_layer(spec, layer)
-    if include_top and input_size not in (None, spec.input_size):
-        raise UserError(f"--layer {layer} is in the classifier top of {spec.name}, which "
-                        f"needs --input-size {spec.input_size}.")
-    w = resolve(spec, weights, include_top=include_top, download=download)
-    settings = EmbeddingSettings(
-        backbone=spec.name, weights=w.identity,
-        weights_file=(w.path.rsplit("/", 1)[-1] if w.path else w.kind), layer=layer or "",
-        pooling="none" if spec.family == "dlib" else (pool or spec.default_pool),
-        input_size=input_size or spec.input_size, crop=float(crop or 0.0), flip=bool(flip),
-        preprocessing=spec.preprocessing, precision=precision, jitter=int(jitter),
-        resize=DEVICE_RESIZE.format(*source_size) if source_size else RESIZE)
-    return settings, w
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "default"  # "default", "none" (random, seeded) or a weight file path
+    layer: str | None = None
+    pool: str | None = None  # "avg" or "max"; None: the backbone's
+    input_size: int | None = None  # None: the backbone's
+    crop: float | None = None
+    flip: bool = False
+    precision: str = "float32"
+    jitter: int = 0
+    resize: str = "cpu"
+    source_size: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        spec = get_backbone(self.backbone)
+        _check_input_size(spec, self.input_size)
+        check_range("--crop", self.crop, kind=float)
+        if self.crop is not None and not 0 < self.crop <= 1:
+            raise UserError(f"--crop must be a fraction in (0, 1], not {self.crop}.")
+        check_range("--jitter", self.jitter, 0, MAX_JITTER)
+        _check_choice("--pool", self.pool, POOLS, none_ok=True)
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_choice("--resize", self.resize, RESIZES)
+        self._check_family(spec)
+        if self.resize == "cpu" and self.source_size is not None:
+            object.__setattr__(self, "resize", "device")  # a source size means device resizing
+        if self.source_size is not None:
+            if not isinstance(self.source_size, (tuple, list)) or len(self.source_size) != 2:
+                raise UserError(f"source_size must be (height, width), not {self.source_size!r}.")
+            for side in self.source_size:
+                check_range("source_size", side, 1, MAX_PIXELS)
+            object.__setattr__(self, "source_size", tuple(self.source_size))
+        if _is_top(spec, self.layer) and self.input_size not in (None, spec.input_size):
+            raise UserError(f"--layer {self.layer} is in the classifier top of {spec.name}, "
+                            f"which needs --input-size {spec.input_size}.")
+
+    def _check_family(self, spec: Backbone):
+        if spec.family == "dlib":
+            if (self.layer or self.pool or self.input_size or self.flip or self.crop
+                    or self.resize == "device" or self.source_size):
+                raise UserError("dlib-resnet takes no --layer/--pool/--input-size/--flip/--crop/"
+                                "--resize: it aligns a 150x150 face chip itself (use --jitter N "
+                                "to average).")
+        elif self.jitter:
+            raise UserError("--jitter is for the dlib-resnet backbone only.")
+
+    def settings(self, download: bool = True) -> tuple[EmbeddingSettings, Weights]:
+        """The cache key these options give, and the weights (resolved: downloaded once)."""
+        if self.resize == "device" and self.source_size is None:
+            raise UserError("--resize device needs the images' size: give source_size=(height, "
+                            "width), or use resize='cpu'.")
+        spec = get_backbone(self.backbone)
+        w = resolve(spec, self.weights, include_top=_is_top(spec, self.layer), download=download)
+        settings = EmbeddingSettings(
+            backbone=spec.name, weights=w.identity,
+            weights_file=(w.path.rsplit("/", 1)[-1] if w.path else w.kind),
+            layer=self.layer or "",
+            pooling="none" if spec.family == "dlib" else (self.pool or spec.default_pool),
+            input_size=self.input_size or spec.input_size, crop=float(self.crop or 0.0),
+            flip=bool(self.flip), preprocessing=spec.preprocessing, precision=self.precision,
+            jitter=int(self.jitter),
+            resize=DEVICE_RESIZE.format(*self.source_size) if self.source_size else RESIZE)
+        return settings, w
+
+
+POOLS = ("avg", "max")
+PRECISIONS = ("float32", "mixed")
+RESIZES = ("cpu", "device")
+
+
+def _check_choice(option: str, value, choices, none_ok: bool = False):
+    if value is None and none_ok:
+        return
+    if value not in choices:
+        raise UserError(f"{option} must be {' or '.join(choices)}, not {value!r}.")
+
+
+def make_settings(backbone=DEFAULT_BACKBONE, weights="default", download=True,
+                  **options) -> tuple[EmbeddingSettings, Weights]:
+    """Validate the options (the fields of `EmbedderConfig`) and resolve the weights; no
+    Keras import."""
+    return EmbedderConfig(backbone, weights, **options).settings(download=download)
 
 
 def _check_input_size(spec: Backbone, input_size):
@@ -119,10 +173,15 @@ def _is_top_layer(spec: Backbone, layer: str) -> bool:
     return keras_layer_name(layer) in {keras_layer_name(n) for n in spec.top_layers}
 
 
+def _is_top(spec: Backbone, layer: str | None) -> bool:
+    return bool(layer) and _is_top_layer(spec, layer)
+
+
 def build_extractor(settings: EmbeddingSettings, weights: Weights):
     if settings.spec.family == "dlib":
         from .dlib_backbone import DlibExtractor
         return DlibExtractor(settings, weights)
+    import_keras()
     return KerasExtractor(settings, weights)
 
 
@@ -160,8 +219,11 @@ def build_base(settings: EmbeddingSettings, weights: Weights):
 
     spec = settings.spec
     if weights.kind == "random":
-        keras.utils.set_random_seed(RANDOM_SEED)
-    include_top = bool(settings.layer) and _is_top_layer(spec, settings.layer)
+        with seeded(RANDOM_SEED):
+            base = spec.build(include_top=_is_top(spec, settings.layer),
+                              input_size=settings.input_size)
+        return _cut(base, settings)
+    include_top = _is_top(spec, settings.layer)
     if weights.kind == "imagenet":
         from .download import cause, network_timeout
         try:
@@ -174,6 +236,66 @@ def build_base(settings: EmbeddingSettings, weights: Weights):
     else:
         base = spec.build(include_top=include_top, input_size=settings.input_size)
         load_into(base, spec, weights)
+    return _cut(base, settings)
+
+
+_SEEDING = threading.Lock()  # the generators are the process's: one seeded build at a time
+
+
+@contextmanager
+def _random_state_kept():
+    """The caller's Python and NumPy global random states are as they were afterwards."""
+    import random
+
+    import numpy as np
+    with _SEEDING:
+        saved = random.getstate(), np.random.get_state()
+        try:
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+
+
+def import_keras():
+    """`import keras`, without the draw from Python's global generator that its first import
+    makes (the caller's random state is theirs)."""
+    with _random_state_kept():
+        import keras
+    return keras
+
+
+@contextmanager
+def seeded(seed: int):
+    """Inside: the generators Keras draws initial weights from are seeded like
+    `keras.utils.set_random_seed(seed)` seeds them (so the network is the same); after: the
+    caller's Python and NumPy global states and Keras's seed attributes are back as they
+    were. TensorFlow's and torch's global seeds, which set_random_seed also sets, are left
+    alone: Keras 3 initializers draw from Keras's own seed generator, never from them."""
+    import random
+
+    import numpy as np
+    import_keras()
+    from keras.src.backend.common import global_state
+    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+    names = ("global_random_seed", GLOBAL_SEED_GENERATOR)
+    with _random_state_kept():
+        saved = [global_state.get_global_attribute(n) for n in names]
+        global_state.set_global_attribute(names[0], seed)
+        global_state.set_global_attribute(names[1], None)  # recreated from the seed
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            for name, value in zip(names, saved):
+                global_state.set_global_attribute(name, value)
+
+
+def _cut(base, settings: EmbeddingSettings):
+    """The base cut at the embedding layer (the backbone's feature layer, or --layer)."""
+    import keras
+    spec = settings.spec
     layer_name = settings.layer or spec.feature_layer
     if not layer_name:
         return base

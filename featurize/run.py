@@ -6,13 +6,13 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from importlib import metadata
 from pathlib import Path
 
 from . import cache
 from .errors import UserError, check_range
-from .extractor import build_extractor, default_batch_size, make_settings
+from .extractor import EmbedderConfig, build_extractor, default_batch_size
 from .images import ImageError, image_size, list_dataset
 from .pipeline import batches, exit_if_worker_is_starting
 
@@ -49,33 +49,76 @@ MAX_BATCH_SIZE = 8192
 MAX_WORKERS = 256
 
 
-def featurize(source, backbone="vggface-resnet50", weights="default", layer=None, pool=None,
-              input_size=None, crop=None, flip=False, precision="float32", jitter=0,
-              batch_size=None, workers=None, out=None, cache_dir=cache.DEFAULT_DIR,
-              progress=True, flush_rows=1024, resize="cpu", source_size=None,
-              check="mtime") -> Summary:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a featurize run goes (none of it changes an embedding), checked when made; the
+    command line's defaults come from these fields."""
+
+    batch_size: int | None = None  # None: 256 on an accelerator, 32 on a CPU
+    workers: int | None = None  # decoding workers; None: the CPU count, at most 16
+    flush_rows: int = 1024  # --checkpoint-rows: journal progress every N images (or 30 s)
+    check: str = "mtime"  # or "content": also compare a hash of each cached file
+    progress: bool = True
+    out: str | Path | None = None  # the cache file; None: named after dataset and settings
+    cache_dir: str | Path = cache.DEFAULT_DIR
+
+    def __post_init__(self):
+        check_range("--batch-size", self.batch_size, 1, MAX_BATCH_SIZE)
+        check_range("--workers", self.workers, 1, MAX_WORKERS)
+        check_range("--checkpoint-rows", self.flush_rows, 1)
+        if self.check not in cache.CHECKS:
+            raise UserError(f"--check must be mtime or content, not {self.check!r}.")
+
+
+@dataclass(frozen=True)
+class FeaturizeOptions:
+    """Everything a featurize run takes: what the embeddings are and how the run goes."""
+
+    embedding: EmbedderConfig = field(default_factory=EmbedderConfig)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    @classmethod
+    def from_kwargs(cls, base: FeaturizeOptions | None = None, **kwargs) -> FeaturizeOptions:
+        """Options from keywords named like the fields of EmbedderConfig and RunOptions (e.g.
+        backbone=..., batch_size=...), over `base` (default: the defaults)."""
+        base = base or cls()
+        parts = {}
+        for name, part in (("embedding", base.embedding), ("run", base.run)):
+            own = {k: kwargs.pop(k) for k in list(kwargs) if k in _field_names(part)}
+            parts[name] = replace(part, **own) if own else part
+        if kwargs:
+            raise TypeError(f"unknown featurize option(s): {', '.join(sorted(kwargs))}; known: "
+                            f"{', '.join(_field_names(EmbedderConfig) + _field_names(RunOptions))}")
+        return cls(**parts)
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def featurize(source, options: FeaturizeOptions | None = None, *, embedder=None,
+              **kwargs) -> Summary:
     """Embed every image of `source` once into an HDF5 cache; re-runs only do what changed.
 
-    resize="device" crops and resizes on the accelerator, from the size of the dataset's
-    first image (or `source_size`); batch_size None picks one for the machine. check="content"
-    also reuses a row only if the file's content hash matches (default "mtime": size + mtime). When no image
-    at all can be embedded, nothing is committed and a UserError says why.
+    `options` (or keywords named like its fields: backbone=..., batch_size=...) say what to
+    embed with and how; `embedder` (a featurize.Embedder) reuses its settings and built
+    model instead of options.embedding. When no image at all can be embedded, nothing is
+    committed and a UserError says why.
     """
     exit_if_worker_is_starting()  # a script without the main guard, re-run by a worker
     start = time.perf_counter()
-    _check_run_options(batch_size, workers, flush_rows, resize)
-    if check not in cache.CHECKS:
-        raise UserError(f"--check must be mtime or content, not {check!r}.")
+    options = FeaturizeOptions.from_kwargs(options, **kwargs)
+    run = options.run
     dataset = list_dataset(source)
-    if resize == "device" and source_size is None:
-        source_size = _first_image_size(dataset)
-    settings, w = make_settings(backbone, weights, layer, pool, input_size, crop, flip,
-                                precision, jitter, source_size=source_size)
-    path = Path(out) if out else cache.path_for(dataset, settings, cache_dir)
+    if embedder is not None:
+        settings, w = embedder.settings, embedder.resolved_weights
+    else:
+        settings, w = _settings(options.embedding, dataset)
+    path = Path(run.out) if run.out else cache.path_for(dataset, settings, run.cache_dir)
     summary = Summary(path, total=len(dataset.items), notes=list(getattr(dataset, "notes", ())))
     _check_writable(path)
     with cache.lock(path):
-        state = cache.State(path, settings, check=check)
+        state = cache.State(path, settings, check=run.check)
         todo = state.todo(dataset.items)
         summary.reused = len(dataset.items) - len(todo)
         if not todo and state.up_to_date(dataset):
@@ -83,35 +126,42 @@ def featurize(source, backbone="vggface-resnet50", weights="default", layer=None
             summary.failed_total = len(state.failed)
             summary.seconds = time.perf_counter() - start
             return summary
-        extractor = build_extractor(settings, w) if todo else None
-        journal = cache.Journal(path, settings, flush_rows=flush_rows)
-        try:
-            _embed(todo, extractor, journal, summary, batch_size, workers, progress)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-        finally:
-            journal.flush()
-            if summary.embedded or _reusable_rows(state, dataset):
-                prov = {**provenance(extractor), "weights_path": w.path or ""}
-                counts = cache.commit(path, settings, dataset, prov,
-                                      dim=getattr(extractor, "dim", None),
-                                      complete=not summary.interrupted)
-                summary.failed_total = counts["failed"]
-                summary.committed = True
-            elif not summary.interrupted:  # failures only: nothing worth a cache file
-                shutil.rmtree(cache.parts_dir(path), ignore_errors=True)
-        if not summary.committed and not summary.interrupted:
-            raise UserError(_nothing_embedded(dataset, summary))
+        extractor = None
+        if todo:
+            extractor = embedder.extractor if embedder is not None else build_extractor(settings, w)
+        _run(todo, extractor, (path, settings, dataset, state, w), summary, run)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _check_run_options(batch_size, workers, flush_rows, resize):
-    check_range("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
-    check_range("--workers", workers, 1, MAX_WORKERS)
-    check_range("--checkpoint-rows", flush_rows, 1)
-    if resize not in ("cpu", "device"):
-        raise UserError(f"--resize must be cpu or device, not {resize!r}.")
+def _settings(config: EmbedderConfig, dataset):
+    """The settings of a run; --resize device takes its size from the first image."""
+    if config.resize == "device" and config.source_size is None:
+        config = replace(config, source_size=_first_image_size(dataset))
+    return config.settings()
+
+
+def _run(todo, extractor, target, summary, run: RunOptions):
+    """Embed `todo` into the journal and commit the cache (also when interrupted)."""
+    path, settings, dataset, state, w = target
+    journal = cache.Journal(path, settings, flush_rows=run.flush_rows)
+    try:
+        _embed(todo, extractor, journal, summary, run.batch_size, run.workers, run.progress)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        journal.flush()
+        if summary.embedded or _reusable_rows(state, dataset):
+            prov = {**provenance(extractor), "weights_path": w.path or ""}
+            counts = cache.commit(path, settings, dataset, prov,
+                                  dim=getattr(extractor, "dim", None),
+                                  complete=not summary.interrupted)
+            summary.failed_total = counts["failed"]
+            summary.committed = True
+        elif not summary.interrupted:  # failures only: nothing worth a cache file
+            shutil.rmtree(cache.parts_dir(path), ignore_errors=True)
+    if not summary.committed and not summary.interrupted:
+        raise UserError(_nothing_embedded(dataset, summary))
 
 
 def _embed(todo, extractor, journal, summary, batch_size, workers, progress):

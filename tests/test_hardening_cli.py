@@ -143,3 +143,13 @@ def test_the_api_runs_in_a_thread_and_leaves_signal_handlers_alone(tmp_path):
     thread.join()
     assert not errors and results[0].embedded == 6
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_output_closed_early_by_a_pipe_is_no_traceback():
+    """`python -m featurize --list-backbones | head -1`"""
+    proc = subprocess.Popen([sys.executable, "-m", "featurize", "--list-backbones"], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # as `head -0` does, before the listing is written
+    err = proc.stderr.read()
+    proc.wait()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -1,0 +1,106 @@
+"""The Python API of classify: `train`, `predict`, `verify`, `finetune`, and the `Run` and
+`Verification` they return. The command lines are thin layers over these functions.
+
+    import classify
+    run = classify.train("data/cache/lfw.h5", "logreg", {"C": 10}, min_per_class=20)
+    run.metrics, run.predict(X_new), run.predict(["photo.jpg"])
+    run.save("runs/logreg-c10")                        # or classify.train(..., save_to=DIR)
+    same = classify.Run.load("runs/logreg-c10")
+    tuned = classify.finetune(same, epochs=3)          # a Run too; nothing written unless saved
+    v = classify.verify("data/cache/lfw.h5", "data/lfw/pairsDevTest.txt")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .options import DEFAULT_HEAD, FinetuneOptions, TrainOptions
+from .runs import Run
+
+__all__ = ["train", "predict", "verify", "finetune", "Run", "Verification", "TrainOptions",
+           "FinetuneOptions"]
+
+
+def train(cache=None, head: str = DEFAULT_HEAD, params=None, *, save_to=None,
+          options: TrainOptions | None = None, **settings) -> Run:
+    """Train and evaluate a head on a cache (a path, a `featurize.cache.Cache`, or None for
+    the newest under data/cache/): a Run. `params` is a dict of the head's hyper-parameters,
+    checked by scikit-learn's own validation; `settings` are the other TrainOptions fields
+    (min_per_class, max_per_class, test_size, cv, seed, normalize, standardize, pca), or pass
+    `options` whole. Nothing is written unless `save_to` names a new run folder."""
+    if options is None:
+        options = TrainOptions(head, params if params is not None else {}, **settings)
+    elif settings or params is not None or head != DEFAULT_HEAD:
+        raise TypeError("pass either options=TrainOptions(...) or head, params and settings, "
+                        "not both")
+    from .train import fit_run
+    return fit_run(cache, options, save_to)
+
+
+def finetune(run, *, save_to=None, options: FinetuneOptions | None = None, log=print,
+             **settings) -> Run:
+    """Fine-tune the backbone of a dense or logreg run together with its head: a new Run
+    whose `pipeline` is the whole Keras model. `run` is a Run (saved or not: its split is
+    kept in memory) or a run folder; `settings` are the FinetuneOptions fields
+    (unfreeze_blocks, lr, epochs, batch_size, val_fraction, augment, refeaturize, seed).
+    Nothing is written unless `save_to` names a new run folder (refeaturize needs one)."""
+    if options is None:
+        options = FinetuneOptions(**settings)  # checked before the run is even read
+    elif settings:
+        raise TypeError("pass either options=FinetuneOptions(...) or its fields, not both")
+    if not isinstance(run, Run):
+        run = Run.load(run)
+    from .finetune import finetune_run
+    return finetune_run(run, options, save_to, log)
+
+
+def predict(inputs, run, top_k: int = 5, batch_size: int = 32, workers=None) -> list[dict]:
+    """Top-k classes of image files and folders with a Run or a run folder: one dict per
+    image, or an `error` for an image that cannot be used (the command line's output). For
+    arrays of labels or scores, use `Run.predict` and `Run.predict_proba`."""
+    from .predict import predict as predict_images
+    return predict_images(inputs, run, top_k, batch_size, workers)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """LFW pair verification figures: `accuracy` (mean over folds, each with a threshold from
+    the other folds or from `train_pairs`), its `accuracy_std`, `fold_accuracies`,
+    `thresholds`, `roc_auc`, `pairs` used and `skipped`; with `train_pairs`, the `threshold`
+    chosen on them and `accuracy_all` on every pair at once."""
+
+    accuracy: float
+    accuracy_std: float
+    roc_auc: float
+    fold_accuracies: list[float]
+    thresholds: list[float]
+    pairs: int
+    skipped: int
+    metric: str
+    cache: str
+    pairs_file: str
+    train_pairs: str | None = None
+    threshold: float | None = None
+    accuracy_all: float | None = None
+    roc_png: str | None = None
+    record: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def as_dict(self) -> dict:
+        """The JSON document of `python -m classify verify --json`."""
+        return dict(self.record)
+
+
+def verify(cache=None, pairs=None, train_pairs=None, metric: str = "cosine",
+           skip_missing: bool = False, roc=None) -> Verification:
+    """Verification on LFW pair files (View 2 pairs.txt: the 10-fold protocol; View 1
+    pairsDevTest.txt with train_pairs=pairsDevTrain.txt: the threshold from the latter).
+    `cache` as for `train`; `roc` a picture file to draw the ROC curve into."""
+    from featurize.errors import UserError
+
+    from .verify import verify as verify_pairs
+    if pairs is None:
+        raise UserError("verify needs a pairs file (--pairs): LFW's pairs.txt or "
+                        "pairsDevTest.txt.")
+    d = verify_pairs(cache, pairs, train_pairs, metric, skip_missing, roc)
+    known = Verification.__dataclass_fields__
+    return Verification(**{k: v for k, v in d.items() if k in known}, record=d)
