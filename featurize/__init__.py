@@ -7,6 +7,8 @@ The Python API (see featurize.api):
     X = embedder(["a.jpg", "b.jpg"])                 # (2, 512) float32, like the cache's rows
     cache = featurize.embed_folder("data/lfw", embedder)
     cache = featurize.open_cache("data/cache/FILE.h5")  # .X .y .paths .classes .to_pandas()
+    report = featurize.verify_cache(cache.path, sample=20)  # python -m featurize verify
+    featurize.fetch_lfw("data/lfw")                     # python -m featurize.datasets lfw
 
 Names are imported on first use, so `import featurize` stays cheap (no Keras, no TensorFlow).
 """
@@ -28,6 +30,8 @@ _EXPORTS = {
     "Cache": "cache",
     "UserError": "errors",
     "EmbeddingTransformer": "estimators",
+    "verify_cache": "verify",
+    "fetch_lfw": "datasets",
 }
 
 __all__ = sorted(_EXPORTS)
