@@ -80,6 +80,7 @@ FEATURIZE_BAD = {
     "--precision": bad_choice("float32", "mixed"),
     "--resize": bad_choice("cpu", "device"),
     "--pool": bad_choice("avg", "max"),
+    "--check": bad_choice("mtime", "content"),
     "--backbone": TEXT.filter(lambda t: not is_backbone(t)),
     "--weights": TEXT.filter(lambda t: t not in ("default", "none") and not Path(t).is_file()),
 }
@@ -143,6 +144,7 @@ def classify_world(tmp_path_factory):
 
 
 TRAIN_BAD = {
+    "--cache": TEXT.filter(lambda t: t.strip() and not Path(t).exists()),
     "--head": bad_choice("logreg", "svm", "knn", "centroid", "ridge", "dense"),
     "--min-per-class": bad_int(1, 30),  # above 30 no class is left
     "--max-per-class": bad_int(1),
