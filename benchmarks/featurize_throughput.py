@@ -126,7 +126,7 @@ def main():
     n, workers = len(items), args.workers
     batch_size = args.batch_size or default_batch_size()
     settings, w = make_settings(args.backbone, args.weights, input_size=args.input_size)
-    if settings.spec.family == "dlib":  # all its work is per image, in the workers
+    if settings.spec.family.per_image:  # all its work is per image, in the workers
         return dlib_rate(items, settings, w, workers)
     source, size = image_size(items[0].path), settings.input_size
 

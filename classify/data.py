@@ -14,8 +14,6 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from featurize import cache as cache_io
 from featurize.errors import UserError
 
-FACE_FAMILIES = ("vggface", "dlib")
-
 
 @dataclass
 class Selection:
@@ -116,7 +114,7 @@ def splits(y: np.ndarray, test_size: float = 0.25, cv: int | None = None, seed: 
 def default_normalize(backbone: str) -> bool:
     from featurize.backbones import get_backbone
     try:
-        return get_backbone(backbone).family in FACE_FAMILIES
+        return get_backbone(backbone).family.face
     except UserError:
         return False
 

@@ -21,14 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from featurize.errors import ArgumentParser, UserError
-from featurize.images import ImageError
+from featurize.families import FINETUNED_BASE_FILE, FINETUNED_BASE_WEIGHTS  # noqa: F401
+from featurize.images import ImageError, prepare_image
 
 from . import report, runs
 from .options import SAFE_LR, FinetuneOptions, defaults  # noqa: F401 (SAFE_LR: its old home)
 from .runs import Run
-
-FINETUNED_BASE_WEIGHTS = "finetuned_base.weights.h5"  # Keras 3 weights of the base
-FINETUNED_BASE_FILE = "finetuned_base.keras"  # for a base given as a .keras file
 
 
 def _parser():
@@ -170,11 +168,11 @@ def image_dataset(paths, labels, root, settings, batch_size, augment, seed, shuf
             rng = np.random.default_rng((seed, i, int(self.rng.integers(1 << 30))))
             arrays = []
             for j in idx:
-                try:
-                    arrays.append(prepare(str(Path(root) / paths[j])))
-                except ImageError as e:
-                    self.failure = (paths[j], str(e))
-                    raise
+                array, reason = prepare_image(prepare, str(Path(root) / paths[j]))
+                if reason is not None:
+                    self.failure = (paths[j], reason)
+                    raise ImageError(reason)
+                arrays.append(array)
             if augment:
                 arrays = [_augment(a, rng) for a in arrays]
             return np.stack(arrays), np.asarray(labels)[idx]
@@ -250,9 +248,7 @@ def _check_run(run: Run, unfreeze_blocks):
         raise UserError(f"finetune needs a dense or logreg run; {run.path or 'the run'} is "
                         f"{record['head']}.")
     settings = EmbeddingSettings.from_json(record["provenance"]["settings"])
-    if settings.spec.family == "dlib":
-        raise UserError("dlib-resnet is not a Keras model and cannot be fine-tuned; use a "
-                        "Keras backbone.")
+    settings.spec.family.check_finetune(settings.spec)
     if settings.flip:
         raise UserError("runs on --flip caches cannot be fine-tuned (the mirror average is "
                         "not a single image); featurize without --flip first.")
@@ -423,10 +419,7 @@ def _write(writer: runs.RunWriter, built, split, test, record, text) -> None:
     """A fine-tuned run's files: model, base weights, split, report, run.json."""
     model, base, settings = built
     model.save(writer.path("model.keras"))
-    if settings.spec.family == "file":
-        base.save(writer.path(FINETUNED_BASE_FILE))
-    else:
-        base.save_weights(writer.path(FINETUNED_BASE_WEIGHTS))
+    settings.spec.family.save_finetuned_base(base, writer.path)
     writer.json("split.json", split)
     writer.text("report.txt", text)
     test_y, after_scores = test
@@ -439,10 +432,8 @@ def _write(writer: runs.RunWriter, built, split, test, record, text) -> None:
 def _refeaturize(settings, root, new_dir, cache_path):
     """A new cache of the dataset embedded with the fine-tuned base: its path."""
     from featurize.run import featurize
-    file_base = settings.spec.family == "file"
-    s = featurize(root,
-                  backbone=str(new_dir / FINETUNED_BASE_FILE) if file_base else settings.backbone,
-                  weights="default" if file_base else str(new_dir / FINETUNED_BASE_WEIGHTS),
+    backbone, weights = settings.spec.family.finetuned_source(settings, new_dir)
+    s = featurize(root, backbone=backbone, weights=weights,
                   layer=settings.layer or None,
                   pool=None if settings.pooling == "none" else settings.pooling,
                   input_size=settings.input_size, crop=settings.crop or None,

@@ -7,7 +7,7 @@ import functools
 import numpy as np
 
 from featurize.errors import check_range
-from featurize.extractor import EmbeddingSettings, extractor_for
+from featurize.extractor import EmbeddingSettings, Extractor, KerasExtractor, extractor_for
 from featurize.images import collect
 from featurize.pipeline import batches
 
@@ -48,7 +48,7 @@ def predict(inputs, run, top_k: int = 5, batch_size: int = 32, workers=None) -> 
     return sorted(results, key=lambda r: position[r["path"]])
 
 
-def extractor_for_run(record: dict, model):
+def extractor_for_run(record: dict, model) -> Extractor:
     """What turns a run's input images into what its head takes: exactly the cache's
     backbone settings, or for a fine-tuned run the whole model (probabilities out)."""
     if record["head"] == "finetune":
@@ -57,12 +57,15 @@ def extractor_for_run(record: dict, model):
 
 
 class _WholeModel:
-    """A fine-tuned model behind the pipeline's prepare/embed interface."""
+    """A fine-tuned model behind the extractor interface (`featurize.extractor.Extractor`)."""
+
+    provenance = staticmethod(KerasExtractor.provenance)
 
     def __init__(self, model, settings):
         self.model = model
         self.prepare = settings.model_input
         self.input_shape = self.prepare.shape
+        self.dim = int(model.output.shape[-1])  # the number of classes
 
     def embed(self, batch):
         return np.asarray(self.model.predict_on_batch(batch))

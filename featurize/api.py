@@ -22,12 +22,13 @@ import numpy as np
 from . import cache as cache_io
 from .backbones import DEFAULT_BACKBONE
 from .errors import UserError, check_range
-from .extractor import EmbedderConfig, EmbeddingSettings, build_extractor, default_batch_size
-from .images import ImageError, fit
+from .extractor import (EmbedderConfig, EmbeddingSettings, Extractor, build_extractor,
+                        default_batch_size)
+from .images import ImageError
 from .run import MAX_BATCH_SIZE
 
-_DLIB = threading.Lock()
-DLIB_BATCH = 32
+_SERIAL = threading.Lock()  # for families whose extractors are not thread-safe (dlib)
+PER_IMAGE_BATCH = 32  # a family that works per image has no accelerator to fill
 _EMBEDDING_FIELDS = set(EmbedderConfig.__dataclass_fields__)
 _IMAGE_HELP = "give image file paths, PIL images or uint8 arrays of shape (height, width, 3)"
 
@@ -73,7 +74,7 @@ class Embedder:
         return embedder
 
     @property
-    def extractor(self):
+    def extractor(self) -> Extractor:
         """The built extractor (the model is built on first use, once)."""
         with self._building:
             if self._extractor is None:
@@ -93,15 +94,15 @@ class Embedder:
     def __call__(self, images, batch_size: int | None = None) -> np.ndarray:
         items = _as_list(images)
         extractor = self.extractor
-        if self.settings.spec.family == "dlib":
-            with _DLIB:  # dlib is not thread-safe, and its models are shared
+        if not self.settings.spec.family.thread_safe:
+            with _SERIAL:
                 return self._embed(items, extractor, batch_size)
         return self._embed(items, extractor, batch_size)
 
-    def _embed(self, items: list, extractor, batch_size: int | None) -> np.ndarray:
+    def _embed(self, items: list, extractor: Extractor, batch_size: int | None) -> np.ndarray:
         size = check_range("batch_size", batch_size, 1, MAX_BATCH_SIZE) or self.batch_size
-        if size is None:  # dlib describes one image at a time: no accelerator to fill
-            size = DLIB_BATCH if self.settings.spec.family == "dlib" else default_batch_size()
+        if size is None:
+            size = PER_IMAGE_BATCH if self.settings.spec.family.per_image else default_batch_size()
         out = np.empty((len(items), extractor.dim), dtype=np.float32)
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
@@ -119,14 +120,7 @@ class Embedder:
                 return prepare(str(image))
             except ImageError as e:
                 raise UserError(f"image {image} cannot be embedded: {e}; {_IMAGE_HELP}.") from None
-        pixels = _rgb(image, index)
-        if self.settings.spec.family == "dlib":
-            from .dlib_backbone import describe_rgb
-            return describe_rgb(pixels, self.settings.jitter)
-        model_input = self.settings.model_input
-        if model_input.source is not None:
-            return fit(pixels, model_input.source)
-        return fit(pixels, model_input.size, model_input.crop)
+        return self.settings.spec.family.prepare_pixels(self.settings, _rgb(image, index))
 
 
 def _as_list(images) -> list:

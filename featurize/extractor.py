@@ -13,11 +13,33 @@ import os
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from .backbones import DEFAULT_BACKBONE, Backbone, get_backbone, keras_layer_name
 from .errors import UserError, check_range
 from .images import MAX_PIXELS, ModelInput
 from .weights import RANDOM_SEED, Weights, load_into, resolve
+
+
+@runtime_checkable
+class Extractor(Protocol):
+    """What featurize, predict, finetune and verify need of an extractor (a family makes it).
+
+    Optional, found with getattr: `input_shape` (of a prepared image; None: `prepare` returns
+    embeddings, any shape), `parallel` ("process": `prepare` runs in worker processes,
+    for work that holds the GIL), `overlap_upload` (copy the next batch to the accelerator
+    while this one runs) and `to_device(batch)` (a batch as a backend tensor).
+    """
+
+    prepare: Callable[[str], Any]  # one image file -> a fixed-shape array (picklable)
+    dim: int  # the length of one embedding
+
+    def embed(self, batch) -> Any:
+        """A batch of prepared images -> (N, dim) float32 embeddings."""
+
+    def provenance(self) -> dict:
+        """Versions of what computed the embeddings, recorded with them."""
+
 
 RESIZE = "pil-bilinear"  # part of the key: a different resize gives different embeddings
 DEVICE_RESIZE = "device-bilinear-{}x{}"  # antialiased bilinear in the model, from (h, w)
@@ -99,7 +121,7 @@ class EmbedderConfig:
         _check_choice("--pool", self.pool, POOLS, none_ok=True)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--resize", self.resize, RESIZES)
-        self._check_family(spec)
+        spec.family.check_options(spec, self)
         if self.resize == "cpu" and self.source_size is not None:
             object.__setattr__(self, "resize", "device")  # a source size means device resizing
         if self.source_size is not None:
@@ -112,16 +134,6 @@ class EmbedderConfig:
             raise UserError(f"--layer {self.layer} is in the classifier top of {spec.name}, "
                             f"which needs --input-size {spec.input_size}.")
 
-    def _check_family(self, spec: Backbone):
-        if spec.family == "dlib":
-            if (self.layer or self.pool or self.input_size or self.flip or self.crop
-                    or self.resize == "device" or self.source_size):
-                raise UserError("dlib-resnet takes no --layer/--pool/--input-size/--flip/--crop/"
-                                "--resize: it aligns a 150x150 face chip itself (use --jitter N "
-                                "to average).")
-        elif self.jitter:
-            raise UserError("--jitter is for the dlib-resnet backbone only.")
-
     def settings(self, download: bool = True) -> tuple[EmbeddingSettings, Weights]:
         """The cache key these options give, and the weights (resolved: downloaded once)."""
         if self.resize == "device" and self.source_size is None:
@@ -133,7 +145,7 @@ class EmbedderConfig:
             backbone=spec.name, weights=w.identity,
             weights_file=(w.path.rsplit("/", 1)[-1] if w.path else w.kind),
             layer=self.layer or "",
-            pooling="none" if spec.family == "dlib" else (self.pool or spec.default_pool),
+            pooling=self.pool or spec.default_pool,  # dlib's "none": it takes no --pool
             input_size=self.input_size or spec.input_size, crop=float(self.crop or 0.0),
             flip=bool(self.flip), preprocessing=spec.preprocessing, precision=self.precision,
             jitter=int(self.jitter),
@@ -164,9 +176,7 @@ def _check_input_size(spec: Backbone, input_size):
     if input_size is None:
         return
     check_range("--input-size", input_size, spec.min_input_size, MAX_INPUT_SIZE)
-    if spec.family == "file" and input_size != spec.input_size:
-        raise UserError(f"--input-size {input_size}: the model {spec.name} takes "
-                        f"{spec.input_size}x{spec.input_size} images; drop --input-size.")
+    spec.family.check_input_size(spec, input_size)
 
 
 def _is_top_layer(spec: Backbone, layer: str) -> bool:
@@ -177,12 +187,9 @@ def _is_top(spec: Backbone, layer: str | None) -> bool:
     return bool(layer) and _is_top_layer(spec, layer)
 
 
-def build_extractor(settings: EmbeddingSettings, weights: Weights):
-    if settings.spec.family == "dlib":
-        from .dlib_backbone import DlibExtractor
-        return DlibExtractor(settings, weights)
-    import_keras()
-    return KerasExtractor(settings, weights)
+def build_extractor(settings: EmbeddingSettings, weights: Weights) -> Extractor:
+    """The extractor the settings' backbone family makes (Keras imported only now)."""
+    return settings.spec.family.make_extractor(settings, weights)
 
 
 class KerasExtractor:
@@ -299,8 +306,7 @@ def _cut(base, settings: EmbeddingSettings):
     layer_name = settings.layer or spec.feature_layer
     if not layer_name:
         return base
-    if spec.family == "vggface":
-        layer_name = keras_layer_name(layer_name)
+    layer_name = spec.family.layer_name(layer_name)
     names = [layer.name for layer in base.layers]
     if layer_name not in names:
         import difflib
@@ -409,20 +415,19 @@ def weights_for(settings: EmbeddingSettings, weights_path: str = "") -> Weights:
     from .weights import file_sha256
     if weights_path and os.path.isfile(weights_path) and file_sha256(weights_path) == settings.weights:
         return Weights("file", weights_path, settings.weights)
-    if spec.family != "keras":
-        include_top = bool(settings.layer) and _is_top_layer(spec, settings.layer)
-        try:
-            w = resolve(spec, "default", include_top=include_top, download=False)
-        except UserError:
-            w = None
-        if w is not None and w.sha256 == settings.weights:
-            return w
+    include_top = bool(settings.layer) and _is_top_layer(spec, settings.layer)
+    try:  # the family's default file, if that is what made the cache
+        w = resolve(spec, "default", include_top=include_top, download=False)
+    except UserError:
+        w = None
+    if w is not None and w.sha256 == settings.weights:
+        return w
     raise UserError(f"the weights this cache was made with ({settings.weights_file}, sha256 "
                     f"{settings.weights[:12]}...) are not present at {weights_path or 'the default place'}; "
                     "put that file back there.")
 
 
-def extractor_for(attrs: dict):
+def extractor_for(attrs: dict) -> Extractor:
     """The extractor that made a cache, from its attributes (for new images)."""
     settings = EmbeddingSettings.from_json(attrs["settings"])
     return build_extractor(settings, weights_for(settings, attrs.get("weights_path", "")))

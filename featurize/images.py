@@ -498,3 +498,15 @@ class ModelInput:
 def image_size(path: str) -> tuple[int, int]:
     """(height, width) of an image as the model sees it (EXIF orientation applied)."""
     return read_rgb(path).shape[:2]
+
+
+def prepare_image(prepare, path: str):
+    """`prepare(path)` with the pipeline's bad-image handling: (array, None), or (None, the
+    reason) for an image that cannot be decoded. Every reader of image files for a model
+    (featurize, predict, fine-tuning, `featurize verify`) goes through here."""
+    try:
+        return prepare(path), None
+    except ImageError as e:
+        return None, str(e)
+    except MemoryError:
+        return None, "out of memory while decoding"

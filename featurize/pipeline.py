@@ -31,11 +31,15 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import UserError
-from .images import ImageError
+from .images import prepare_image
+
+if TYPE_CHECKING:
+    from .extractor import Extractor
 
 # Decoding threads stop scaling at about 4 (the GIL); processes scale with the cores.
 # Measured on the lent 16-core GPU machine: benchmarks/featurize_throughput.py.
@@ -56,15 +60,6 @@ class Batch:
 
 def default_workers() -> int:
     return max(1, min(16, os.cpu_count() or 1))
-
-
-def _safe(prepare, path):
-    try:
-        return prepare(path), None
-    except ImageError as e:
-        return None, str(e)
-    except MemoryError:
-        return None, "out of memory while decoding"
 
 
 def _start_worker():
@@ -95,7 +90,7 @@ def _pool(workers: int, processes: bool) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker)
 
 
-def _wants_processes(extractor, workers: int, n_items: int) -> bool:
+def _wants_processes(extractor: Extractor, workers: int, n_items: int) -> bool:
     """Processes for extractors that need them (dlib is neither thread-safe nor releases
     the GIL), or for many workers on more than a handful of images; else threads."""
     if getattr(extractor, "parallel", "thread") == "process":
@@ -103,7 +98,7 @@ def _wants_processes(extractor, workers: int, n_items: int) -> bool:
     return workers >= PROCESS_MIN_WORKERS and n_items > CHUNK
 
 
-def batches(items, extractor, batch_size=32, workers=None, prefetch_batches=2):
+def batches(items, extractor: Extractor, batch_size=32, workers=None, prefetch_batches=2):
     """Yield a `Batch` per `batch_size` items, in order."""
     workers, items = workers or default_workers(), list(items)
     processes = _wants_processes(extractor, workers, len(items)) and workers > 1
@@ -267,17 +262,17 @@ def _fill(target, start, prepare, paths) -> list:
         target = _attached[name][1]
     reasons = []
     for row, path in enumerate(paths, start):
-        pixels, reason = _safe(prepare, path)
+        pixels, reason = prepare_image(prepare, path)
         target[row] = pixels if reason is None else 0
         reasons.append(reason)
     return reasons
 
 
-def _embed(extractor, data):
+def _embed(extractor: Extractor, data):
     return extractor.embed(data.result() if isinstance(data, Future) else data)
 
 
-def _array_batches(items, extractor, batch_size, pool, prefetch):
+def _array_batches(items, extractor: Extractor, batch_size, pool, prefetch):
     groups = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     if not groups:
         return
@@ -339,14 +334,14 @@ def _array_batches(items, extractor, batch_size, pool, prefetch):
 
 # --- extractors whose workers return anything (dlib: the descriptor itself) ---------------------
 
-def _object_batches(items, extractor, batch_size, pool, prefetch_batches):
+def _object_batches(items, extractor: Extractor, batch_size, pool, prefetch_batches):
     window = deque()
     pending = iter(items)
     limit = batch_size * (prefetch_batches + 1)
 
     def fill():
         for item in pending:
-            window.append((item, pool.submit(_safe, extractor.prepare, item.path)))
+            window.append((item, pool.submit(prepare_image, extractor.prepare, item.path)))
             if len(window) >= limit:
                 return
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import cache
 from .errors import UserError, check_range
-from .extractor import EmbedderConfig, build_extractor, default_batch_size
+from .extractor import EmbedderConfig, Extractor, build_extractor, default_batch_size
 from .images import ImageError, image_size, list_dataset
 from .pipeline import batches, exit_if_worker_is_starting
 
@@ -31,7 +31,7 @@ class Summary:
     notes: list = field(default_factory=list)  # what the listing skipped, and why
 
 
-def provenance(extractor=None) -> dict:
+def provenance(extractor: Extractor | None = None) -> dict:
     out = {"featurize_version": _version("featurize-embeddings"), "python": sys.version.split()[0]}
     if extractor is not None and hasattr(extractor, "provenance"):
         out.update(extractor.provenance())  # the versions of what computed the embeddings
@@ -141,7 +141,7 @@ def _settings(config: EmbedderConfig, dataset):
     return config.settings()
 
 
-def _run(todo, extractor, target, summary, run: RunOptions):
+def _run(todo, extractor: Extractor, target, summary, run: RunOptions):
     """Embed `todo` into the journal and commit the cache (also when interrupted)."""
     path, settings, dataset, state, w = target
     journal = cache.Journal(path, settings, flush_rows=run.flush_rows)
@@ -164,7 +164,7 @@ def _run(todo, extractor, target, summary, run: RunOptions):
         raise UserError(_nothing_embedded(dataset, summary))
 
 
-def _embed(todo, extractor, journal, summary, batch_size, workers, progress):
+def _embed(todo, extractor: Extractor, journal, summary, batch_size, workers, progress):
     """Embed `todo` batch by batch into the journal, counting into `summary`."""
     bar = _progress(len(todo), progress)
     size = batch_size or default_batch_size()

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import cache
 from .errors import UserError, check_range
-from .images import ImageError
+from .images import prepare_image
 
 ZERO_SCALE = 1e-6  # largest |value| below which no network's embedding is informative
 SAME_ROWS = 1e-5  # rows closer than this, relative to their scale, are one and the same
@@ -145,19 +145,21 @@ def _check_sample(c, report: Report, candidates, sample: int, tolerance: float, 
         report.problems.append("no image is left to re-embed for --sample (every row is "
                                "missing, changed or damaged)")
         return
-    from .extractor import extractor_for
-    ext = extractor_for(c.attrs)
+    from .extractor import Extractor, extractor_for
+    ext: Extractor = extractor_for(c.attrs)
     root = c.attrs.get("dataset_root", "")
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(candidates, size=min(sample, len(candidates)), replace=False))
     arrays, kept = [], []
     for i in picked:
-        try:
-            arrays.append(ext.prepare(os.path.join(root, c.paths[i])))
-            kept.append(i)
-        except ImageError as e:
-            report.problems.append(f"{c.paths[i]} no longer decodes ({e}), though it decoded "
-                                   "when it was embedded; replace the file or run featurize again")
+        array, reason = prepare_image(ext.prepare, os.path.join(root, c.paths[i]))
+        if reason is not None:
+            report.problems.append(f"{c.paths[i]} no longer decodes ({reason}), though it "
+                                   "decoded when it was embedded; replace the file or run "
+                                   "featurize again")
+            continue
+        arrays.append(array)
+        kept.append(i)
     if not kept:
         return
     fresh = np.asarray(ext.embed(np.stack(arrays)), dtype=np.float32)

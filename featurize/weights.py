@@ -42,32 +42,16 @@ def keras_home() -> Path:
 def resolve(spec: Backbone, weights: str = "default", include_top: bool = False,
             download: bool = True) -> Weights:
     """Find (downloading if needed) the weights for `spec`, without building anything."""
-    if spec.family == "file":
-        if weights != "default":
-            raise UserError(f"a .keras backbone carries its weights; drop --weights {weights}.")
-        return Weights("file", spec.builder, file_sha256(Path(spec.builder)))
-    if weights == "none":
-        return Weights("random")
-    if weights != "default":
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(f"weights file {path} does not exist; give an existing file to "
-                            "--weights, or 'default' or 'none'.")
-        return Weights("file", str(path.resolve()), file_sha256(path))
-    if spec.family == "keras":
-        return Weights("imagenet")
-    if spec.family == "dlib":
-        from .dlib_backbone import model_path
-        path = model_path()
-        return Weights("dlib", str(path), file_sha256(path))
-    wf = spec.top_weights if include_top else spec.notop_weights
-    path = keras_home() / VGGFACE_CACHE_SUBDIR / wf.filename
+    return spec.family.resolve(spec, weights, include_top, download)
+
+
+def local_file(weights: str) -> Weights:
+    """A weight file the user named with --weights PATH."""
+    path = Path(weights).expanduser()
     if not path.is_file():
-        if not download:
-            raise UserError(f"weights {path} are not present; run featurize once with network "
-                            f"access, or download {wf.url} to that path.")
-        download_weights(wf)
-    return Weights("file", str(path), file_sha256(path))
+        raise UserError(f"weights file {path} does not exist; give an existing file to "
+                        "--weights, or 'default' or 'none'.")
+    return Weights("file", str(path.resolve()), file_sha256(path))
 
 
 def download_weights(wf: WeightFile) -> Path:
@@ -163,14 +147,4 @@ def load_keras2_h5(model, path, keras_name=lambda name: name) -> None:
 
 def load_into(model, spec: Backbone, weights: Weights) -> None:
     """Put `weights` into a freshly built `spec` model (random weights need nothing)."""
-    if weights.kind != "file" or spec.family == "file":
-        return
-    if spec.family == "vggface" and not weights.path.endswith(".weights.h5"):
-        from .backbones import keras_layer_name
-        load_keras2_h5(model, weights.path, keras_layer_name)
-        return
-    try:
-        model.load_weights(weights.path)
-    except Exception as e:  # Keras raises ValueError/KeyError/OSError for a wrong file
-        raise UserError(f"weights file {weights.path} does not fit {spec.name}: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+    spec.family.load_weights(model, spec, weights)

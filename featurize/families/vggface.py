@@ -1,0 +1,73 @@
+"""keras-vggface's VGG16, ResNet50 and SENet50 (Keras 3 ports in `featurize.vggface`), with
+the weights of the keras-vggface v2.0 release (Keras 2 .h5 files, downloaded once)."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .base import Backbone, Family, builder_of, WeightFile
+
+VGGFACE_RELEASE = "https://github.com/rcmalli/keras-vggface/releases/download/v2.0/"
+VGGFACE_CACHE_SUBDIR = "models/vggface"  # under KERAS_HOME (~/.keras), as keras-vggface uses
+# Identity names of the same release, by the number of classes of the top (decode_predictions).
+VGGFACE_LABEL_FILES = {2622: "rcmalli_vggface_labels_v1.npy", 8631: "rcmalli_vggface_labels_v2.npy"}
+_RESNET_STAGES = ("conv1_", "conv2_", "conv3_", "conv4_", "conv5_")
+
+
+def keras_layer_name(name: str) -> str:
+    """The Keras 3 name of a keras-vggface layer ("/" is not allowed in Keras 3)."""
+    return name.replace("/", "_")
+
+
+class VGGFace(Family):
+    name = "vggface"
+    weights_source = "keras-vggface v2.0 release (~/.keras/models/vggface)"
+    face = True
+
+    def backbones(self) -> list[Backbone]:
+        return [
+            self._spec("vgg16", "vggface1", 512, "pool5",
+                       ("conv1_", "conv2_", "conv3_", "conv4_", "conv5_"),
+                       ("flatten", "fc6", "fc6/relu", "fc7", "fc7/relu", "fc8", "fc8/softmax")),
+            # activation_49 / activation_81: the last ReLU before `avg_pool`, named as in Keras 2.
+            self._spec("resnet50", "vggface2", 2048, "activation_49", _RESNET_STAGES,
+                       ("flatten_1", "classifier")),
+            self._spec("senet50", "vggface2", 2048, "activation_81", _RESNET_STAGES,
+                       ("flatten_1", "classifier")),
+        ]
+
+    def _spec(self, arch, scheme, dim, feature_layer, blocks, top_layers) -> Backbone:
+        return Backbone(
+            name=f"vggface-{arch}", family=self, builder=f"featurize.vggface:vggface_{arch}",
+            input_size=224, preprocessing=scheme, embedding_dim=dim, feature_layer=feature_layer,
+            notop_weights=WeightFile(f"rcmalli_vggface_tf_notop_{arch}.h5",
+                                     f"{VGGFACE_RELEASE}rcmalli_vggface_tf_notop_{arch}.h5"),
+            top_weights=WeightFile(f"rcmalli_vggface_tf_{arch}.h5",
+                                   f"{VGGFACE_RELEASE}rcmalli_vggface_tf_{arch}.h5"),
+            blocks=blocks, top_layers=top_layers)
+
+    def layer_name(self, name: str) -> str:
+        return keras_layer_name(name)
+
+    def build(self, spec: Backbone, include_top: bool, input_size: int, imagenet: bool):
+        builder = builder_of(spec)
+        # the top's dense layers fix the input size; keras-vggface's builders choose it then
+        return builder(include_top=include_top,
+                       input_shape=None if include_top else (input_size, input_size, 3))
+
+    def default_weights(self, spec: Backbone, include_top: bool, download: bool):
+        from ..weights import Weights, download_weights, file_sha256, keras_home
+        wf = spec.top_weights if include_top else spec.notop_weights
+        path = keras_home() / VGGFACE_CACHE_SUBDIR / wf.filename
+        if not path.is_file():
+            if not download:
+                raise UserError(f"weights {path} are not present; run featurize once with "
+                                f"network access, or download {wf.url} to that path.")
+            download_weights(wf)
+        return Weights("file", str(path), file_sha256(path))
+
+    def load_weights(self, model, spec: Backbone, weights) -> None:
+        if weights.kind == "file" and not weights.path.endswith(".weights.h5"):
+            from ..weights import load_keras2_h5
+            load_keras2_h5(model, weights.path, keras_layer_name)  # the release's Keras 2 files
+            return
+        super().load_weights(model, spec, weights)
