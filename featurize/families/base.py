@@ -109,7 +109,9 @@ class Family:
         return self.default_weights(spec, include_top, download)
 
     def default_weights(self, spec: Backbone, include_top: bool, download: bool):
-        raise NotImplementedError
+        """`--weights default`: a family with published weights says where they are."""
+        raise UserError(f"{spec.name} has no published weights; pass --weights PATH (a weight "
+                        "file) or --weights none (seeded random weights).")
 
     def load_weights(self, model, spec: Backbone, weights) -> None:
         """Put file `weights` into a freshly built model (other kinds need nothing)."""
