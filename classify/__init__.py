@@ -13,7 +13,7 @@ import sys
 import types
 
 _API = ("train", "predict", "verify", "finetune", "Run", "Verification", "TrainOptions",
-        "FinetuneOptions")
+        "FinetuneOptions", "runs_table")
 __all__ = list(_API)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .options import DEFAULT_HEAD, FinetuneOptions, TrainOptions
 from .runs import Run
+from .runs import table as runs_table  # noqa: F401 - `python -m classify runs`
 
 __all__ = ["train", "predict", "verify", "finetune", "Run", "Verification", "TrainOptions",
            "FinetuneOptions"]

@@ -29,5 +29,7 @@ def test_the_python_api_example_of_the_readme_runs(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0] == "(3, 512) 512"
     assert lines[1] == "(12, 512) [0 0 0 0 1] ['alice', 'bob', 'carol']"
+    assert any(line.startswith("logreg-c10 ") for line in lines)  # classify.runs_table
+    assert "True" in lines  # featurize.verify_cache(...).ok
     assert lines[-1].startswith("bad --param for head logreg: The 'C' parameter")
     assert (tmp_path / "runs" / "logreg-c10" / "run.json").is_file()
