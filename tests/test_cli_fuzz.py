@@ -24,20 +24,18 @@ FUZZ = settings(max_examples=100, deadline=None,
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=24)
 
 
-def not_int(text: str) -> bool:
-    try:
-        int(text)
-        return False
-    except ValueError:
-        return True
+def unparseable_as(kind):
+    """A filter keeping the text that `kind` (int or float) cannot parse."""
+    def unparseable(text: str) -> bool:
+        try:
+            kind(text)
+            return False
+        except ValueError:
+            return True
+    return unparseable
 
 
-def not_float(text: str) -> bool:
-    try:
-        float(text)
-        return False
-    except ValueError:
-        return True
+not_int, not_float = unparseable_as(int), unparseable_as(float)
 
 
 def bad_int(low=None, high=None):
