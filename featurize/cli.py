@@ -23,13 +23,15 @@ def _default(options, name: str):
 
 def _parser() -> ArgumentParser:
     from .extractor import POOLS, PRECISIONS, RESIZES, EmbedderConfig as E
-    from .run import RunOptions as R
+    from .run import ENGINES, RunOptions as R
     p = ArgumentParser(
         prog="python -m featurize",
         description="Embed every image of a folder once with a frozen backbone and cache the "
                     "embeddings to HDF5. Re-running embeds only new or changed files.",
-        epilog="Check a cache: python -m featurize verify CACHE [--sample K] "
-               "(see python -m featurize verify --help).")
+        epilog="Other commands: python -m featurize verify CACHE [--sample K] (check a "
+               "cache), python -m featurize compact CACHE (merge small shards), python -m "
+               "featurize export CACHE --format parquet|npy OUT (for vector search); each has "
+               "--help.")
     p.add_argument("source", nargs="?", help="folder of class folders, flat folder, or list file")
     p.add_argument("--backbone", default=_default(E, "backbone"), help="default: %(default)s")
     p.add_argument("--weights", default=_default(E, "weights"),
@@ -58,6 +60,14 @@ def _parser() -> ArgumentParser:
                    help="what tells a file changed since it was embedded: size + mtime (the "
                         "default) or also a hash of its content (reads each cached file once "
                         "per run)")
+    p.add_argument("--engine", choices=ENGINES, default=_default(R, "engine"),
+                   help="local (this process and its decoding workers) or ray (Ray Data: CPU "
+                        "decoding tasks, an actor pool of embedders; pip install "
+                        "'featurize-embeddings[ray]')")
+    p.add_argument("--address", help="--engine ray: the Ray cluster to join (default: start a "
+                                     "local one)")
+    p.add_argument("--gpus-per-worker", type=float, default=_default(R, "gpus_per_worker"),
+                   help="--engine ray: GPUs per embedding actor (default %(default)s: CPU actors)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-backbones", action="store_true", help="list backbones and exit")
@@ -154,7 +164,13 @@ def _stderr_silenced():
         os.close(devnull)
 
 
+SUBCOMMANDS = {"compact": "featurize.compact", "export": "featurize.export"}
+
+
 def _main(argv) -> int:
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # each module has main(argv) -> exit code
+        module = importlib.import_module(SUBCOMMANDS[argv[0]])
+        return module.main(argv[1:])
     if argv[:1] == ["verify"]:
         from .verify import verify_cache
         args = _verify_parser().parse_args(argv[1:])
@@ -180,7 +196,9 @@ def options_from(args):
         jitter=args.jitter, resize=args.resize)
     run = RunOptions(batch_size=args.batch_size, workers=args.workers,
                      flush_rows=args.checkpoint_rows, check=args.check,
-                     progress=not args.quiet, out=args.out, cache_dir=args.cache_dir)
+                     progress=not args.quiet, out=args.out, cache_dir=args.cache_dir,
+                     engine=args.engine, address=args.address,
+                     gpus_per_worker=args.gpus_per_worker)
     return FeaturizeOptions(embedding, run)
 
 

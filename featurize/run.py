@@ -47,6 +47,7 @@ def _version(dist: str) -> str:
 
 MAX_BATCH_SIZE = 8192
 MAX_WORKERS = 256
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class RunOptions:
     flush_rows: int = 1024  # --checkpoint-rows: journal progress every N images (or 30 s)
     check: str = "mtime"  # or "content": also compare a hash of each cached file
     progress: bool = True
+    engine: str = "local"  # or "ray": Ray Data tasks and actors (featurize.ray_engine)
+    address: str | None = None  # --engine ray: the cluster to join; None: a local Ray
+    gpus_per_worker: float = 0  # --engine ray: GPUs each embedding actor takes (0: CPU actors)
     out: str | Path | None = None  # the cache file; None: named after dataset and settings
     cache_dir: str | Path = cache.DEFAULT_DIR
 
@@ -68,6 +72,12 @@ class RunOptions:
         check_range("--checkpoint-rows", self.flush_rows, 1)
         if self.check not in cache.CHECKS:
             raise UserError(f"--check must be mtime or content, not {self.check!r}.")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine must be {' or '.join(ENGINES)}, not {self.engine!r}.")
+        check_range("--gpus-per-worker", self.gpus_per_worker, 0, 64, kind=float)
+        if self.engine != "ray" and (self.address or self.gpus_per_worker):
+            raise UserError("--address and --gpus-per-worker go with --engine ray; add it, or "
+                            "drop them.")
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ def featurize(source, options: FeaturizeOptions | None = None, *, embedder=None,
             summary.seconds = time.perf_counter() - start
             return summary
         extractor = None
-        if todo:
+        if todo and run.engine == "local":  # Ray's actors build their own
             extractor = embedder.extractor if embedder is not None else build_extractor(settings, w)
         _run(todo, extractor, (path, settings, dataset, state, w), summary, run)
     summary.seconds = time.perf_counter() - start
@@ -145,21 +155,26 @@ def _run(todo, extractor: Extractor, target, summary, run: RunOptions):
     """Embed `todo` into the journal and commit the cache (also when interrupted)."""
     path, settings, dataset, state, w = target
     journal = cache.Journal(path, settings, flush_rows=run.flush_rows)
+    made = {"provenance": provenance(extractor), "dim": getattr(extractor, "dim", None)}
     try:
-        _embed(todo, extractor, journal, summary, run.batch_size, run.workers, run.progress)
+        if run.engine == "ray":  # its workers write their own shards of the cache
+            from .ray_engine import embed_on_ray
+            made = embed_on_ray(todo, (path, settings, w), summary, run)
+        else:
+            _embed(todo, extractor, journal, summary, run.batch_size, run.workers, run.progress)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
         journal.flush()
         if summary.embedded or _reusable_rows(state, dataset):
-            prov = {**provenance(extractor), "weights_path": w.path or ""}
-            counts = cache.commit(path, settings, dataset, prov,
-                                  dim=getattr(extractor, "dim", None),
+            prov = {**made["provenance"], "weights_path": w.path or ""}
+            counts = cache.commit(path, settings, dataset, prov, dim=made["dim"],
                                   complete=not summary.interrupted)
             summary.failed_total = counts["failed"]
+            summary.notes += counts.get("notes", [])
             summary.committed = True
         elif not summary.interrupted:  # failures only: nothing worth a cache file
-            shutil.rmtree(cache.parts_dir(path), ignore_errors=True)
+            _drop_uncommitted(path)
     if not summary.committed and not summary.interrupted:
         raise UserError(_nothing_embedded(dataset, summary))
 
@@ -180,8 +195,14 @@ def _embed(todo, extractor: Extractor, journal, summary, batch_size, workers, pr
 
 def _reusable_rows(state, dataset) -> bool:
     """Whether the cache or its journal holds a row for a current file (as it is now)."""
-    return any((row := state.rows.get(it.key)) is not None and row[2] == it.fingerprint
-               for it in dataset.items)
+    return any(state.has_row(it) for it in dataset.items)
+
+
+def _drop_uncommitted(path: Path):
+    """The shards of a run that made no cache (failures only), and their folder if empty."""
+    if path.exists():
+        return  # an existing cache's folder: its next commit tidies it
+    shutil.rmtree(cache.shards_dir(path), ignore_errors=True)
 
 
 def _nothing_embedded(dataset, summary) -> str:

@@ -109,3 +109,72 @@ def http_server(tmp_path):
             stopped.append(True)
     yield served, f"http://127.0.0.1:{server.server_address[1]}/", stop
     stop()
+
+
+def stored_in(path: Path, dataset: str) -> Path:
+    """The file that stores `dataset` of a cache: the index itself, or the shard its virtual
+    dataset reads (caches of one shard)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        ds = f[dataset]
+        if not ds.is_virtual:
+            return Path(path)
+        names = {m.file_name for m in ds.virtual_sources()}
+    assert len(names) == 1, f"{path} spreads {dataset} over {len(names)} shards"
+    return Path(path).parent / names.pop()
+
+
+def as_schema1(path: Path) -> Path:
+    """Rewrite a cache in place as featurize before the shards wrote it (schema 1: one file with
+    every row inside, no index), for the tests of reading and migrating old caches."""
+    import shutil
+
+    import h5py
+    from featurize import cache
+    c = cache.read(path, strict=False)
+    s = h5py.string_dtype("utf-8")
+    with h5py.File(path, "r") as f:
+        failed = {k: f["failed"][k][()] for k in ("paths", "reasons", "sizes", "mtimes")}
+        digests = f["digests"][()] if len(c.paths) else []
+        attrs = dict(f.attrs)
+    tmp = path.with_name(path.name + ".old")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("embeddings", data=c.embeddings, chunks=True, fletcher32=True,
+                         maxshape=(None, c.embeddings.shape[1]))
+        f.create_dataset("paths", data=c.paths, dtype=s)
+        for name, data in (("labels", c.labels.astype(np.int32)), ("sizes", c.sizes),
+                           ("mtimes", c.mtimes)):
+            f.create_dataset(name, data=data, chunks=True, fletcher32=True, maxshape=(None,))
+        f.create_dataset("classes", data=c.classes, dtype=s)
+        f.create_dataset("digests", data=digests, dtype=s)
+        for k, v in failed.items():
+            f.create_dataset(f"failed/{k}", data=v, **({"dtype": s} if k in ("paths", "reasons")
+                                                       else {"chunks": True, "maxshape": (None,)}))
+        f.attrs.update({**attrs, "schema_version": 1})
+    tmp.replace(path)
+    shutil.rmtree(cache.shards_dir(path))
+    return path
+
+
+def shard_files(path: Path) -> tuple[set, set]:
+    """(the shard files the index lists, the files in its shards folder), as paths relative to
+    the index's folder."""
+    import h5py
+    from featurize import cache
+    with h5py.File(path, "r") as f:
+        listed = {n.decode() for n in f["shards/names"][()]}
+    folder = cache.shards_dir(path)
+    present = {f"{folder.name}/{p.name}" for p in folder.iterdir()} if folder.is_dir() else set()
+    return listed, present
+
+
+def copy_cache(path: Path, target: Path) -> Path:
+    """Copy a cache: its index, as `target`, and the shard folders it lists, beside it."""
+    import shutil
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, target)
+    listed, _ = shard_files(path)
+    for folder in {name.split("/")[0] for name in listed}:
+        if not (target.parent / folder).exists():
+            shutil.copytree(Path(path).parent / folder, target.parent / folder)
+    return target

@@ -32,7 +32,7 @@ def test_cache_holds_every_image_with_labels_and_provenance(image_folder, tmp_pa
     assert c.paths == sorted(c.paths) and c.paths[0] == "alice/alice_0000.jpg"
     assert [c.classes[i] for i in c.labels] == [p.split("/")[0] for p in c.paths]
     assert c.attrs["backbone"] == "vggface-vgg16" and c.attrs["pooling"] == "avg"
-    assert c.attrs["input_size"] == 32 and c.attrs["schema_version"] == 1
+    assert c.attrs["input_size"] == 32 and c.attrs["schema_version"] == 2
     assert c.attrs["keras_version"] and c.attrs["backend"] == keras.backend.backend()
     assert np.isfinite(c.embeddings).all() and c.embeddings.std() > 0
 
@@ -142,10 +142,21 @@ def test_journal_from_a_killed_run_is_picked_up(image_folder, tmp_path):
     journal = cache.Journal(path, settings, flush_rows=1)
     items = dataset.items[:5]
     for batch in batches(items, build_extractor(settings, w), batch_size=2):
-        journal.add(batch.items, batch.embeddings)  # flushed to parts; then "killed"
-    assert len(list(cache.parts_dir(path).glob("part-*.h5"))) == 3
+        journal.add(batch.items, batch.embeddings)  # flushed to shards; then "killed"
+    assert len(list(cache.shards_dir(path).glob("part-*.h5"))) == 3
     s = run(image_folder, tmp_path)
-    assert s.embedded == 7 and s.reused == 5 and not cache.parts_dir(s.path).exists()
+    assert s.embedded == 7 and s.reused == 5
+    # the small shards were merged into one, the journal's are gone
+    assert [p.name for p in cache.shards_dir(s.path).iterdir()] == [
+        n.split("/")[1] for n in _shard_names(s.path)]
+    assert len(_shard_names(s.path)) == 1 and cache.read(s.path).paths == sorted(
+        it.key for it in dataset.items)
+
+
+def _shard_names(path):
+    import h5py
+    with h5py.File(path, "r") as f:
+        return [n.decode() for n in f["shards/names"][()]]
 
 
 def test_every_setting_that_changes_an_embedding_gets_its_own_file(image_folder, tmp_path):

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import blobs, make_folder, same, synthetic_cache, write_image
+from conftest import as_schema1, blobs, make_folder, same, stored_in, synthetic_cache, write_image
 from featurize import cache
 from featurize.errors import UserError
 from featurize.images import Dataset, Item
@@ -49,6 +49,7 @@ def one_line_error(code, err, *needles):
 
 def flip_bytes(path: Path, dataset: str, chunk: int, count: int = 8):
     """Invert `count` bytes in the middle of one stored chunk of `dataset`: bit rot."""
+    path = stored_in(path, dataset)
     with h5py.File(path, "r") as f:
         info = f[dataset].id.get_chunk_info(chunk)
     with open(path, "r+b") as fh:
@@ -141,14 +142,13 @@ def test_temporary_files_of_a_killed_commit_are_removed_by_the_next_run(tmp_path
     s = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     leftover = s.path.with_name(f".{s.path.name}.tmp-99999999")
     leftover.write_bytes(b"half a cache")
-    part = cache.parts_dir(s.path) / "part-000001.tmp"
-    part.parent.mkdir()
-    part.write_bytes(b"half a part")
+    part = cache.shards_dir(s.path) / ".part-000001.tmp-99999999"
+    part.write_bytes(b"half a shard")
     unrelated = s.path.with_name(".another.h5.tmp-99999999")  # not this cache's: kept
     unrelated.write_bytes(b"x")
     code, out, err = cli(image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c", cwd=tmp_path)
     assert code == 0 and "12 already cached" in out, err
-    assert not leftover.exists() and not part.parent.exists() and unrelated.exists()
+    assert not leftover.exists() and not part.exists() and unrelated.exists()
     assert len(cache.read(s.path).paths) == 12
 
 
@@ -185,8 +185,10 @@ def test_flipped_bytes_in_embeddings_are_reported_and_the_next_run_repairs_them(
                                                                                image_folder):
     s = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     before = cache.read(s.path)
+    with h5py.File(stored_in(s.path, "embeddings"), "r") as f:
+        assert f["embeddings"].fletcher32
     with h5py.File(s.path, "r") as f:
-        assert f["embeddings"].fletcher32 and f["labels"].fletcher32
+        assert f["labels"].fletcher32
     flip_bytes(s.path, "embeddings", 0)
     with pytest.raises(UserError, match=r"12 row\(s\) fail their checksum.*run featurize on"):
         cache.read(s.path)
@@ -206,7 +208,7 @@ def test_flipped_bytes_in_embeddings_are_reported_and_the_next_run_repairs_them(
 def test_damage_is_located_to_its_chunk_of_rows(tmp_path):
     X, y, classes = blobs(n_classes=3, per_class=32, dim=2048)
     path = synthetic_cache(tmp_path / "big.h5", X, y, classes)
-    with h5py.File(path, "r") as f:
+    with h5py.File(stored_in(path, "embeddings"), "r") as f:
         assert f["embeddings"].chunks == (32, 2048)
     flip_bytes(path, "embeddings", 1)
     c = cache.read(path, strict=False)
@@ -228,8 +230,9 @@ def _settings(path):
 
 
 def _strip_checksums(path: Path):
-    """Rewrite a cache as versions before the checksums wrote it: contiguous datasets, no
-    digests, no completeness attributes."""
+    """Rewrite a cache as versions before the checksums wrote it: one file (schema 1),
+    contiguous datasets, no digests, no completeness attributes."""
+    as_schema1(path)
     with h5py.File(path, "r+") as f:
         for name in ("embeddings", "labels", "sizes", "mtimes", "failed/sizes", "failed/mtimes"):
             data = f[name][()]

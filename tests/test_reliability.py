@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import make_folder, same, write_image
+from conftest import copy_cache, make_folder, same, shard_files, stored_in, write_image
 from featurize import cache
 from featurize.cli import main
 from featurize.errors import UserError
@@ -134,7 +134,7 @@ def _cli(folder, cache_dir, *extra):
 def _wait_for_parts(cache_dir, n, proc, timeout=120):
     start = time.time()
     while time.time() - start < timeout:
-        parts = list(Path(cache_dir).glob("*.parts/part-*.h5"))
+        parts = list(Path(cache_dir).glob("*.shards/part-*.h5"))
         if len(parts) >= n or proc.poll() is not None:
             return len(parts)
         time.sleep(0.05)
@@ -165,7 +165,8 @@ def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_
     assert _shared_memory() <= before  # every batch buffer unlinked
     path = next((tmp_path / "c").glob("*.h5"))
     partial = cache.read(path)
-    assert 0 < len(partial.paths) < 160 and not cache.parts_dir(path).exists()
+    listed, present = shard_files(path)
+    assert 0 < len(partial.paths) < 160 and listed == present  # all progress committed
     assert not Path(str(path) + ".lock").exists()
     assert subprocess.run(_cli(folder, tmp_path / "c"), env=env, cwd=tmp_path,
                           capture_output=True).returncode == 0
@@ -225,18 +226,19 @@ def test_a_failed_write_keeps_the_previous_cache_and_the_progress(tmp_path, imag
     s = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     before = cache.read(s.path)
     write_image(image_folder / "bob" / "new.jpg", seed=78)
-    real_replace = cache._fsync_replace
+    from featurize.cache import index
+    real_replace = index.fsync_replace
 
     def full_disk(tmp, final):
         if Path(final) == s.path:
             raise OSError(28, "No space left on device")
         return real_replace(tmp, final)
-    monkeypatch.setattr(cache, "_fsync_replace", full_disk)
+    monkeypatch.setattr(index, "fsync_replace", full_disk)
     with pytest.raises(UserError, match="No space left on device.*previous cache"):
         featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     after = cache.read(s.path)
     assert after.paths == before.paths and not list((tmp_path / "c").glob(".*tmp*"))
-    monkeypatch.setattr(cache, "_fsync_replace", real_replace)
+    monkeypatch.setattr(index, "fsync_replace", real_replace)
     again = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     assert again.embedded == 0 and len(cache.read(s.path).paths) == 13  # from the journal
 
@@ -248,12 +250,13 @@ def test_schema_version_and_tampered_caches_are_clear_errors(tmp_path, image_fol
         ("older.h5", lambda f: f.attrs.__setitem__("schema_version", 0), "re-run featurize"),
         ("nan.h5", lambda f: f["embeddings"].__setitem__((0, 0), np.nan), "NaN or Inf"),
         ("labels.h5", lambda f: f["labels"].__setitem__(0, 7), "labels outside"),
-        ("short.h5", lambda f: (f.__delitem__("paths"), f.create_dataset(
-            "paths", data=["x"], dtype=h5py.string_dtype())), "inconsistent"),
+        ("short.h5", lambda f: (f.__delitem__("labels"), f.create_dataset(
+            "labels", data=[0], dtype="i4")), "inconsistent"),
+        ("runs.h5", lambda f: f["shards/names"].__setitem__(0, "gone.h5"), "gone.h5 is missing"),
     ]:
-        target = tmp_path / name
-        shutil.copy(s.path, target)
-        with h5py.File(target, "r+") as f:
+        target = copy_cache(s.path, tmp_path / name / "cache.h5")
+        with h5py.File(stored_in(target, "embeddings") if name == "nan.h5" else target,
+                       "r+") as f:
             edit(f)
         with pytest.raises(UserError, match=message):
             cache.read(target)

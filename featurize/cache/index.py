@@ -1,0 +1,419 @@
+"""The index: the small file users open, describing the whole cache, swapped in atomically.
+
+A commit never copies existing rows: it lists the live rows of each shard (runs of rows, so
+rows of deleted or changed files are masked, not rewritten), writes a new index beside the old
+one and renames it into place. Small shards are merged as they accumulate (the cost of a merge
+is bounded by SMALL_BYTES per shard, never by the cache's size); `compact` merges on request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import UserError
+from .schema import (_CARRIED, _STR, SCHEMA_VERSION, SETTINGS_ATTRS, CHECKS,
+                     _check_file_target, _open, _strings, file_digest, is_sharded, read_attrs,
+                     shard_table)
+from .shards import (Source, _read_failed, embeddings_dataset, fsync_replace, new_name, numbers,
+                     read_source, shards_dir, write_failed, write_merged)
+
+SMALL_BYTES = 16 << 20  # shards with fewer live bytes are merged once two of them exist
+MASKED = 0.5  # `compact` rewrites a shard once more than this fraction of it is masked
+SCAN_BYTES = 1 << 30  # a run re-checks every embedding's checksum in caches up to this size
+_VIRTUAL = {"embeddings": np.float32, "paths": _STR, "sizes": np.int64, "mtimes": np.int64,
+            "digests": _STR}  # the index's views of its shards' datasets
+
+
+class State:
+    """What is already embedded for a cache path: the rows its index lists, plus shards that
+    are complete but not committed yet (a killed run's progress, Ray workers' output).
+
+    check="content" also compares a hash of each file's content with the one recorded when
+    it was embedded (rows recorded without one are embedded again), and re-checks every
+    embedding's checksum whatever the cache's size.
+    """
+
+    def __init__(self, path: Path, settings, option: str = "--out", check: str = "mtime"):
+        if check not in CHECKS:
+            raise UserError(f"--check must be {' or '.join(CHECKS)}, not {check!r}.")
+        self.path, self.settings, self.check = Path(path), settings, check
+        self.sources: list[Source] = []
+        self.attrs: dict = {}
+        self.retired: list[str] = []  # shards the index keeps for readers of the one before
+        self.legacy = False  # a schema-1 file: all rows inside, migrated by the next commit
+        self._digests: dict[str, str] = {}
+        _check_file_target(self.path, option)
+        if self.path.exists():
+            self.attrs = read_attrs(self.path, option)
+            if self.attrs.get("settings_key") != settings.key():
+                raise UserError(_settings_mismatch(self.path, self.attrs, settings))
+            if is_sharded(self.attrs):
+                self._read_index(option)
+            else:
+                self.legacy = True
+                self.sources.append(self._legacy_source())
+        self.sources += self._unlisted_shards()
+        self._index_rows()
+
+    def _read_index(self, option: str):
+        with _open(self.path, option) as f:
+            names, runs = shard_table(f)
+            self.retired = _strings(f["shards/retired"]) if "shards/retired" in f else []
+            failed, bad = _read_failed(f)
+            dim = f["embeddings"].shape[1]
+        live: dict[int, list[tuple[int, int]]] = {}
+        for s, start, stop in runs.tolist():
+            live.setdefault(s, []).append((start, stop))
+        scan = self.check == "content" or int((runs[:, 2] - runs[:, 1]).sum()) * dim * 4 <= SCAN_BYTES
+        for s, spans in live.items():
+            try:
+                src = read_source(self.path.parent / names[s], names[s], spans, scan, False)
+            except OSError:  # gone or unreadable: its rows are embedded again
+                src = Source(self.path.parent / names[s], names[s], [], [], [], [], [], {},
+                             damaged=True)
+            self.sources.append(replace(src, listed=True))
+        self.sources.append(Source(self.path, "", [], [], [], [], [], failed, damaged=bad,
+                                   listed=True))
+
+    def _legacy_source(self) -> Source:
+        try:
+            return replace(read_source(self.path, self.path.name), listed=True)
+        except OSError as e:  # paths or reasons unreadable: nothing in it can be matched
+            raise UserError(f"cache {self.path} is damaged beyond repair ({e}); move it aside "
+                            "and run featurize again.") from None
+
+    def _unlisted_shards(self) -> list[Source]:
+        """Complete shards the index does not list: newer than it, applied in write order."""
+        folder = shards_dir(self.path)
+        listed = {s.name for s in self.sources} | set(self.retired)
+        found = []
+        for file in folder.glob("*.h5"):
+            name = f"{folder.name}/{file.name}"
+            if name in listed:
+                continue
+            try:
+                with h5py.File(file, "r") as f:
+                    mine = f.attrs.get("settings_key") == self.settings.key()
+                if mine:
+                    found.append(read_source(file, name))
+            except (OSError, KeyError):
+                file.unlink()  # shards are renamed into place only once complete: never here
+        return sorted(found, key=lambda s: (s.seq, s.name))
+
+    def _index_rows(self):
+        """key -> (source, position) of the newest row of each path, and the failures."""
+        self.rows: dict[str, tuple[int, int]] = {}
+        self.failed: dict[str, tuple[str, tuple[int, int]]] = {}
+        for s, src in enumerate(self.sources):
+            if self.failed:
+                for key in src.keys:
+                    self.failed.pop(key, None)
+            self.rows.update(zip(src.keys, zip(itertools.repeat(s), range(len(src.keys)))))
+            for key, value in src.failed.items():
+                self.failed[key] = value
+                self.rows.pop(key, None)
+
+    def fingerprint(self, key: str) -> tuple[int, int] | None:
+        """(size, mtime) of the row of `key` when it was embedded; None without a row."""
+        done = self.rows.get(key)
+        if done is None:
+            return None
+        src = self.sources[done[0]]
+        return (src.sizes[done[1]], src.mtimes[done[1]])
+
+    def has_row(self, item) -> bool:
+        """Whether a row embedded from `item` as it is now exists."""
+        return self.fingerprint(item.key) == item.fingerprint
+
+    @property
+    def damaged_rows(self) -> int:
+        """Rows that failed their checksum (bit rot); they are embedded again."""
+        return sum(src.dropped for src in self.sources)
+
+    def digest(self, item) -> str:
+        if item.key not in self._digests:
+            self._digests[item.key] = file_digest(item.path)
+        return self._digests[item.key]
+
+    def _reusable(self, item) -> bool:
+        if not self.has_row(item):
+            return False
+        if self.check != "content":
+            return True
+        s, i = self.rows[item.key]
+        recorded = self.sources[s].digests[i]
+        return recorded != "" and recorded == self.digest(item)
+
+    def todo(self, items) -> list:
+        """Items that are new or changed since they were embedded (or failed); with
+        check="content" they carry the digest of their content, to be recorded."""
+        out = []
+        for it in items:
+            if self._reusable(it):
+                continue
+            failed = self.failed.get(it.key)
+            if failed is not None and failed[1] == it.fingerprint:
+                continue
+            # Hashed before decoding: a change after this point shows in the next run.
+            out.append(replace(it, digest=self.digest(it)) if self.check == "content" else it)
+        return out
+
+    def up_to_date(self, dataset) -> bool:
+        """Nothing to embed, mask, relabel, repair or fold in: the index can stay as it is."""
+        if not self.path.exists() or self.legacy:
+            return False
+        if any(not src.listed or src.damaged for src in self.sources):
+            return False
+        wanted = {it.key for it in dataset.items}
+        return (wanted == set(self.rows) | set(self.failed) and not self.todo(dataset.items)
+                and self.attrs.get("labels_digest") == labels_digest(dataset)
+                and bool(self.attrs.get("complete", True)))
+
+    def live(self, current: dict) -> list[tuple[Source, list[int]]]:
+        """(source, positions) of the rows to keep: the newest row of each current file, as
+        the file is now. Sources without such rows are left out."""
+        keep: list[list[int]] = [[] for _ in self.sources]
+        for key, (s, i) in self.rows.items():
+            it = current.get(key)
+            src = self.sources[s]
+            if it is not None and it.fingerprint == (src.sizes[i], src.mtimes[i]):
+                keep[s].append(i)
+        return [(src, sorted(pos)) for src, pos in zip(self.sources, keep) if pos]
+
+
+def _settings_mismatch(path, attrs, settings) -> str:
+    diff = [f"{k}={attrs.get(k)!r} (asked {getattr(settings, k)!r})" for k in SETTINGS_ATTRS
+            if str(attrs.get(k)) != str(getattr(settings, k))]
+    return (f"{path} holds embeddings made with other settings ({'; '.join(diff) or 'unknown'}); "
+            "drop --out to get a file of its own, or choose another --out.")
+
+
+def labels_digest(dataset) -> str:
+    import hashlib
+    import json
+    text = json.dumps([dataset.classes, [(it.key, it.label) for it in dataset.items]])
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+# --- committing ------------------------------------------------------------------------------
+
+def commit(path: Path, settings, dataset, provenance: dict, dim: int | None = None,
+           complete: bool = True) -> dict:
+    """Make the index describe `dataset`: the newest row of every current file, from the old
+    index and the shards written since; failures recorded; then swap it in.
+
+    No row is copied, except when small shards are merged. Rows of files that are gone or
+    changed are masked. `complete` False (an interrupted run) is recorded, with the number
+    of images still pending. Returns the row and failure counts, and notes for the user.
+    """
+    path = Path(path)
+    state = State(path, settings)
+    if path.exists():  # a run that embedded nothing keeps the versions that made the rows
+        provenance = {**{k: state.attrs[k] for k in _CARRIED if k in state.attrs}, **provenance}
+    current = {it.key: it for it in dataset.items}
+    keep = state.live(current)
+    failed = sorted((k, r, fp) for k, (r, fp) in state.failed.items()
+                    if k in current and current[k].fingerprint == fp)
+    rows = sum(len(pos) for _, pos in keep)
+    attrs = {**dataset_attrs(settings, dataset), **provenance, "complete": bool(complete),
+             "pending": len(current) - rows - len(failed)}
+    notes = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if state.legacy:
+        keep = _migrate(path, keep)
+        notes.append(f"{path} now has the sharded layout of cache schema {SCHEMA_VERSION}: its "
+                     f"rows moved, unchanged, into {shards_dir(path)}/ (nothing was embedded "
+                     "again); versions of featurize before it cannot read it.")
+    keep = _merge_small(path, settings, keep, explicit=False)
+    class_index = {c: i for i, c in enumerate(dataset.classes)}
+    write_index(path, state, keep, (failed, dataset.classes,
+                                    lambda key: class_index.get(current[key].label, -1)),
+                attrs, dim)
+    _remove_unused(path, state, keep, journal=True)
+    notes += _masked_note(path, keep)
+    return {"rows": rows, "failed": len(failed), "notes": notes}
+
+
+def _migrate(path: Path, keep):
+    """A schema-1 file becomes the first shard of its own index: linked (or copied) into the
+    shards folder, so readers of the old file keep it until they close it."""
+    folder = shards_dir(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{new_name('migrated')}.h5"
+    with h5py.File(path, "r") as f:
+        has_digests = "digests" in f
+    try:
+        if not has_digests:
+            raise OSError("needs a digests dataset: copy it")
+        os.link(path, target)
+    except OSError:
+        tmp = folder / f".{target.name}.tmp-{os.getpid()}"
+        shutil.copyfile(path, tmp)
+        if not has_digests:
+            with h5py.File(tmp, "r+") as f:
+                n = f["paths"].shape[0]
+                f.create_dataset("digests", data=[""] * n, dtype=_STR)
+        fsync_replace(tmp, target)
+    name = f"{folder.name}/{target.name}"
+    return [(replace(src, path=target, name=name) if src.path == path else src, pos)
+            for src, pos in keep]
+
+
+def _merge_small(path: Path, settings, keep, explicit: bool, everything: bool = False):
+    """Merge small shards (and, when `explicit`, mostly masked ones) into one, sorted by path;
+    the merged shard takes the place of the first of them."""
+    def candidate(src, pos):
+        small = len(pos) * src.dim * 4 < SMALL_BYTES
+        return everything or small or (explicit and len(pos) < MASKED * src.file_rows)
+    chosen = [k for k, (src, pos) in enumerate(keep) if candidate(src, pos)]
+    masked = any(len(keep[k][1]) < keep[k][0].file_rows for k in chosen)
+    if len(chosen) < 2 and not (explicit and chosen and masked):
+        return keep
+    members = [keep[k] for k in chosen]
+    dim = next((src.dim for src, _ in members if src.dim), 0)
+    file, _ = write_merged(path, settings, members, dim)
+    name = f"{file.parent.name}/{file.name}"
+    merged = replace(read_source(file, name, scan=False, failures=False), listed=True)
+    out = [entry for k, entry in enumerate(keep) if k not in chosen]
+    out.insert(sum(1 for k in range(chosen[0]) if k not in chosen), (merged, list(range(len(merged.keys)))))
+    return out
+
+
+def write_index(path: Path, state: State, keep, labelling, attrs: dict, dim: int | None):
+    """Write the index for the rows `keep` ((source, positions) in order) beside `path`, then
+    rename it into place. `labelling`: (failures, classes, label index of a key)."""
+    failed, classes, label_of = labelling
+    names, runs, keys = [], [], []
+    for src, pos in keep:
+        s = len(names)
+        names.append(src.name)
+        runs += [(s, start, stop) for start, stop in _runs([src.rows[i] for i in pos])]
+        keys += [src.keys[i] for i in pos]
+    dim = next((src.dim for src, _ in keep if src.dim), dim or 0)
+    retired = sorted({s.name for s in state.sources if s.listed and s.name} - set(names))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            g = f.create_group("shards")
+            g.create_dataset("names", data=names, dtype=_STR)
+            g.create_dataset("runs", data=np.asarray(runs, np.int64).reshape(-1, 3))
+            g.create_dataset("retired", data=retired, dtype=_STR)
+            _views(f, [src.file_rows for src, _ in keep], names, runs, dim)
+            numbers(f, "labels", [label_of(k) for k in keys], np.int32)
+            f.create_dataset("classes", data=list(classes), dtype=_STR)
+            write_failed(f, failed)
+            f.attrs.update({**attrs, "embedding_dim": dim})
+        fsync_replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write cache {path} ({e.strerror or e}); free some space or "
+                        "choose another --out. The previous cache and the progress since are "
+                        "intact.") from None
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Increasing row numbers as (start, stop) runs of consecutive rows."""
+    if not rows:
+        return []
+    a = np.asarray(rows)
+    breaks = np.flatnonzero(np.diff(a) != 1) + 1
+    starts, ends = np.r_[0, breaks], np.r_[breaks, len(a)]
+    return [(int(a[s]), int(a[e - 1]) + 1) for s, e in zip(starts, ends)]
+
+
+def _views(f, file_rows, names, runs, dim: int):
+    """The index's `embeddings`, `paths`, `sizes`, `mtimes`, `digests`: virtual datasets
+    over the shards' own, so h5py.File(cache)["embeddings"] reads the cache's rows."""
+    n = sum(stop - start for _, start, stop in runs)
+    for name, dtype in _VIRTUAL.items():
+        shape = (n, dim) if name == "embeddings" else (n,)
+        if n == 0:  # h5py makes no virtual dataset of no rows
+            if name == "embeddings":
+                embeddings_dataset(f, 0, dim)
+            else:
+                f.create_dataset(name, shape=(0,), dtype=dtype)
+            continue
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        offset = 0
+        for s, start, stop in runs:
+            source_shape = (file_rows[s], dim) if name == "embeddings" else (file_rows[s],)
+            layout[offset:offset + stop - start] = h5py.VirtualSource(
+                names[s], name, shape=source_shape)[start:stop]
+            offset += stop - start
+        f.create_virtual_dataset(name, layout, fillvalue=np.nan if name == "embeddings" else None)
+
+
+def _remove_unused(path: Path, state: State, keep, journal: bool):
+    """After the swap: delete the shards the previous index had retired and, with `journal`,
+    uncommitted shards whose rows are now elsewhere. Shards the previous index listed and this
+    one does not are kept one more commit, for readers still holding the previous index."""
+    names = {src.name for src, _ in keep}
+    doomed = set(state.retired)
+    if journal:
+        doomed |= {s.name for s in state.sources if not s.listed and s.name not in names}
+    for name in doomed:
+        (path.parent / name).unlink(missing_ok=True)
+
+
+def _masked_note(path: Path, keep) -> list[str]:
+    total = sum(src.file_rows * src.dim * 4 for src, _ in keep)
+    masked = sum((src.file_rows - len(pos)) * src.dim * 4 for src, pos in keep)
+    if masked <= SMALL_BYTES or masked * 4 <= total:
+        return []
+    return [f"{masked / 2**20:.0f} MB of {path}'s shards hold rows of files since deleted or "
+            f"changed; python -m featurize compact {path} reclaims them."]
+
+
+def dataset_attrs(settings, dataset) -> dict:
+    attrs = {"schema_version": SCHEMA_VERSION, "settings": settings.to_json(),
+             "settings_key": settings.key()}
+    attrs.update({k: getattr(settings, k) for k in SETTINGS_ATTRS})
+    attrs.update(dataset_root=str(dataset.root), dataset_name=dataset.name,
+                 labels_digest=labels_digest(dataset),
+                 updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return attrs
+
+
+# --- compacting ------------------------------------------------------------------------------
+
+def compact(path, everything: bool = False) -> dict:
+    """Merge the small and the mostly masked shards of a cache (all of them with
+    `everything`) into one, with the same atomic swap as a commit. Takes the cache's lock."""
+    from ..extractor import EmbeddingSettings
+    from .lock import lock
+    path = Path(path)
+    attrs = read_attrs(path, "CACHE")
+    settings = EmbeddingSettings.from_json(attrs["settings"])
+    with lock(path, "CACHE"):
+        state = State(path, settings, option="CACHE")
+        with _open(path, "CACHE") as f:
+            labels = dict(zip(_strings(f["paths"]), f["labels"][()].tolist()))
+            classes = _strings(f["classes"])
+        keep = [(src, list(range(len(src.keys)))) for src in state.sources
+                if src.listed and src.keys]
+        before = len(keep)
+        if state.legacy:
+            keep = _migrate(path, keep)
+        keep = _merge_small(path, settings, keep, explicit=True, everything=everything)
+        failed = sorted((k, r, fp) for src in state.sources if src.listed
+                        for k, (r, fp) in src.failed.items())
+        write_index(path, state, keep, (failed, classes, lambda key: labels.get(key, -1)),
+                    {**_attrs_of(state), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                    None)
+        _remove_unused(path, state, keep, journal=False)
+    return {"shards_before": before, "shards_after": len(keep),
+            "rows": sum(len(pos) for _, pos in keep)}
+
+
+def _attrs_of(state: State) -> dict:
+    attrs = dict(state.attrs)
+    attrs["schema_version"] = SCHEMA_VERSION
+    return attrs
