@@ -8,6 +8,8 @@ The Python API (see featurize.api):
     cache = featurize.embed_folder("data/lfw", embedder)
     cache = featurize.open_cache("data/cache/FILE.h5")  # .X .y .paths .classes .to_pandas()
     report = featurize.verify_cache(cache.path, sample=20)  # python -m featurize verify
+    featurize.compact_cache(cache.path)                 # python -m featurize compact
+    featurize.export_cache(cache.path, "out", "parquet")  # python -m featurize export
     featurize.fetch_lfw("data/lfw")                     # python -m featurize.datasets lfw
 
 Names are imported on first use, so `import featurize` stays cheap (no Keras, no TensorFlow).
@@ -22,6 +24,8 @@ _EXPORTS = {
     "Embedder": "api",
     "embed_folder": "api",
     "open_cache": "api",
+    "compact_cache": "api",
+    "export_cache": "api",
     "EmbedderConfig": "extractor",
     "EmbeddingSettings": "extractor",
     "FeaturizeOptions": "run",

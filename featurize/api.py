@@ -213,3 +213,17 @@ def _cache_option(cache: Path) -> str:
 def open_cache(path) -> cache_io.Cache:
     """Read a cache file (checked: a damaged one is a UserError, never a wrong result)."""
     return cache_io.read(path)
+
+
+def compact_cache(path, everything: bool = False) -> dict:
+    """Merge a cache's small and mostly masked shards into one (every shard with
+    `everything`), as `python -m featurize compact` does; returns the shard counts."""
+    return cache_io.compact(path, everything=everything)
+
+
+def export_cache(path, out, format: str = "parquet", rows_per_file: int | None = None,
+                 overwrite: bool = False):
+    """Write a cache for vector-search tools (parquet, or npy + parquet metadata), as
+    `python -m featurize export` does; see featurize.export."""
+    from .export import export
+    return export(path, out, format, rows_per_file, overwrite)

@@ -178,3 +178,13 @@ def copy_cache(path: Path, target: Path) -> Path:
         if not (target.parent / folder).exists():
             shutil.copytree(Path(path).parent / folder, target.parent / folder)
     return target
+
+
+def one_line_error(code, err, *needles):
+    """A user mistake as the CLIs report it: exit 2, one line on stderr naming `needles`."""
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

@@ -221,3 +221,17 @@ def test_relabelling_rewrites_only_the_index(tmp_path, no_merging):
     assert [first.classes[i] for i in first.labels] != [second.classes[i] for i in second.labels]
     assert [second.classes[i] for i in second.labels] == [
         "b" if p.startswith("imgs/a/") else "a" for p in second.paths]
+
+
+def test_compact_and_export_from_python(tmp_path, no_merging):
+    import featurize
+    folder = make_folder(tmp_path / "imgs", per_class=4)
+    s = featurize.embed_folder(folder, backbone="vggface-vgg16", weights="none", input_size=32,
+                               cache=tmp_path / "c", batch_size=4, flush_rows=4,
+                               progress=False)
+    assert len(shard_files(s.path)[0]) == 3
+    counts = featurize.compact_cache(s.path, everything=True)
+    assert counts == {"shards_before": 3, "shards_after": 1, "rows": 12}
+    assert_same_cache(featurize.open_cache(s.path), s)
+    done = featurize.export_cache(s.path, tmp_path / "out", "npy")
+    assert done.rows == 12 and (tmp_path / "out" / "featurize_export.json").is_file()

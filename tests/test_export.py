@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import blobs, synthetic_cache
+from conftest import blobs, one_line_error, synthetic_cache
 from featurize import cache, export as export_module
 from featurize.cli import main as featurize_main
 from featurize.errors import UserError
@@ -44,12 +44,6 @@ def export_cli(*args, cwd, blocked=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def one_line_error(code, err, *needles):
-    assert code == 2 and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import as_schema1, blobs, make_folder, same, stored_in, synthetic_cache, write_image
+from conftest import (as_schema1, blobs, make_folder, one_line_error, same, stored_in,
+                      synthetic_cache, write_image)
 from featurize import cache
 from featurize.errors import UserError
 from featurize.images import Dataset, Item
@@ -38,13 +39,6 @@ def cli(*args, cwd, module="featurize"):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def one_line_error(code, err, *needles):
-    assert code == 2 and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def flip_bytes(path: Path, dataset: str, chunk: int, count: int = 8):

@@ -8,7 +8,9 @@ is bounded by SMALL_BYTES per shard, never by the cache's size); `compact` merge
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 import shutil
 import time
@@ -28,6 +30,7 @@ from .shards import (Source, _read_failed, embeddings_dataset, fsync_replace, ne
 SMALL_BYTES = 16 << 20  # shards with fewer live bytes are merged once two of them exist
 MASKED = 0.5  # `compact` rewrites a shard once more than this fraction of it is masked
 SCAN_BYTES = 1 << 30  # a run re-checks every embedding's checksum in caches up to this size
+Entry = tuple  # (Source, positions of the rows kept, their labels): a shard's part of an index
 _VIRTUAL = {"embeddings": np.float32, "paths": _STR, "sizes": np.int64, "mtimes": np.int64,
             "digests": _STR}  # the index's views of its shards' datasets
 
@@ -143,50 +146,63 @@ class State:
             self._digests[item.key] = file_digest(item.path)
         return self._digests[item.key]
 
-    def _reusable(self, item) -> bool:
-        if not self.has_row(item):
-            return False
-        if self.check != "content":
-            return True
-        s, i = self.rows[item.key]
-        recorded = self.sources[s].digests[i]
-        return recorded != "" and recorded == self.digest(item)
-
     def todo(self, items) -> list:
         """Items that are new or changed since they were embedded (or failed); with
         check="content" they carry the digest of their content, to be recorded."""
+        rows, sources, content = self.rows, self.sources, self.check == "content"
         out = []
-        for it in items:
-            if self._reusable(it):
-                continue
-            failed = self.failed.get(it.key)
-            if failed is not None and failed[1] == it.fingerprint:
-                continue
+        for it in items:  # the hot loop of a cache hit: a million items take about a second
+            done = rows.get(it.key)
+            if done is not None:
+                src, i = sources[done[0]], done[1]
+                if src.sizes[i] == it.size and src.mtimes[i] == it.mtime_ns and (
+                        not content or "" != src.digest_list()[i] == self.digest(it)):
+                    continue
+            elif self.failed:
+                failed = self.failed.get(it.key)
+                if failed is not None and failed[1] == it.fingerprint:
+                    continue
             # Hashed before decoding: a change after this point shows in the next run.
-            out.append(replace(it, digest=self.digest(it)) if self.check == "content" else it)
+            out.append(replace(it, digest=self.digest(it)) if content else it)
         return out
 
     def up_to_date(self, dataset) -> bool:
-        """Nothing to embed, mask, relabel, repair or fold in: the index can stay as it is."""
+        """Given nothing to embed (`todo` is empty), whether there is nothing to mask,
+        relabel, repair or fold in either: then the index can stay as it is."""
         if not self.path.exists() or self.legacy:
             return False
         if any(not src.listed or src.damaged for src in self.sources):
             return False
-        wanted = {it.key for it in dataset.items}
-        return (wanted == set(self.rows) | set(self.failed) and not self.todo(dataset.items)
+        return (len(dataset.items) == len(self.rows) + len(self.failed)
                 and self.attrs.get("labels_digest") == labels_digest(dataset)
                 and bool(self.attrs.get("complete", True)))
 
-    def live(self, current: dict) -> list[tuple[Source, list[int]]]:
-        """(source, positions) of the rows to keep: the newest row of each current file, as
-        the file is now. Sources without such rows are left out."""
-        keep: list[list[int]] = [[] for _ in self.sources]
-        for key, (s, i) in self.rows.items():
-            it = current.get(key)
-            src = self.sources[s]
-            if it is not None and it.fingerprint == (src.sizes[i], src.mtimes[i]):
-                keep[s].append(i)
-        return [(src, sorted(pos)) for src, pos in zip(self.sources, keep) if pos]
+    def live(self, items, classes) -> list[Entry]:
+        """The rows to keep, by source: the newest row of each of `items` as the file is now,
+        labelled by its index in `classes`. Sources without such rows are left out."""
+        keep: list[dict[int, int]] = [{} for _ in self.sources]
+        class_index = {c: i for i, c in enumerate(classes)}
+        rows, sources = self.rows, self.sources
+        for it in items:
+            done = rows.get(it.key)
+            if done is not None:
+                src, i = sources[done[0]], done[1]
+                if src.sizes[i] == it.size and src.mtimes[i] == it.mtime_ns:
+                    keep[done[0]][i] = class_index.get(it.label, -1)
+        entries = []
+        for src, labelled in zip(sources, keep):
+            if labelled:
+                positions = sorted(labelled)  # the file's order
+                entries.append((src, positions, [labelled[i] for i in positions]))
+        return entries
+
+    def failures(self, items) -> list[tuple[str, str, tuple[int, int]]]:
+        """(key, reason, fingerprint) of the recorded failures of `items` as they are now."""
+        if not self.failed:
+            return []
+        failed = self.failed
+        return sorted((it.key, failed[it.key][0], it.fingerprint) for it in items
+                      if it.key in failed and failed[it.key][1] == it.fingerprint)
 
 
 def _settings_mismatch(path, attrs, settings) -> str:
@@ -197,10 +213,12 @@ def _settings_mismatch(path, attrs, settings) -> str:
 
 
 def labels_digest(dataset) -> str:
-    import hashlib
-    import json
-    text = json.dumps([dataset.classes, [(it.key, it.label) for it in dataset.items]])
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    """A hash of the classes and of every (path, label): relabelling shows as a new value."""
+    h = hashlib.sha256(json.dumps(dataset.classes).encode("utf-8", "surrogateescape"))
+    for part in ("\0".join(it.key for it in dataset.items),
+                 "\0".join("\1" if it.label is None else it.label for it in dataset.items)):
+        h.update(b"\2" + part.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
 
 
 # --- committing ------------------------------------------------------------------------------
@@ -218,13 +236,11 @@ def commit(path: Path, settings, dataset, provenance: dict, dim: int | None = No
     state = State(path, settings)
     if path.exists():  # a run that embedded nothing keeps the versions that made the rows
         provenance = {**{k: state.attrs[k] for k in _CARRIED if k in state.attrs}, **provenance}
-    current = {it.key: it for it in dataset.items}
-    keep = state.live(current)
-    failed = sorted((k, r, fp) for k, (r, fp) in state.failed.items()
-                    if k in current and current[k].fingerprint == fp)
-    rows = sum(len(pos) for _, pos in keep)
+    keep = state.live(dataset.items, dataset.classes)
+    failed = state.failures(dataset.items)
+    rows = sum(len(pos) for _, pos, _ in keep)
     attrs = {**dataset_attrs(settings, dataset), **provenance, "complete": bool(complete),
-             "pending": len(current) - rows - len(failed)}
+             "pending": len(dataset.items) - rows - len(failed)}
     notes = []
     path.parent.mkdir(parents=True, exist_ok=True)
     if state.legacy:
@@ -233,10 +249,7 @@ def commit(path: Path, settings, dataset, provenance: dict, dim: int | None = No
                      f"rows moved, unchanged, into {shards_dir(path)}/ (nothing was embedded "
                      "again); versions of featurize before it cannot read it.")
     keep = _merge_small(path, settings, keep, explicit=False)
-    class_index = {c: i for i, c in enumerate(dataset.classes)}
-    write_index(path, state, keep, (failed, dataset.classes,
-                                    lambda key: class_index.get(current[key].label, -1)),
-                attrs, dim)
+    write_index(path, state, keep, (failed, dataset.classes), attrs, dim)
     _remove_unused(path, state, keep, journal=True)
     notes += _masked_note(path, keep)
     return {"rows": rows, "failed": len(failed), "notes": notes}
@@ -263,8 +276,8 @@ def _migrate(path: Path, keep):
                 f.create_dataset("digests", data=[""] * n, dtype=_STR)
         fsync_replace(tmp, target)
     name = f"{folder.name}/{target.name}"
-    return [(replace(src, path=target, name=name) if src.path == path else src, pos)
-            for src, pos in keep]
+    return [(replace(src, path=target, name=name) if src.path == path else src, pos, labels)
+            for src, pos, labels in keep]
 
 
 def _merge_small(path: Path, settings, keep, explicit: bool, everything: bool = False):
@@ -273,31 +286,35 @@ def _merge_small(path: Path, settings, keep, explicit: bool, everything: bool = 
     def candidate(src, pos):
         small = len(pos) * src.dim * 4 < SMALL_BYTES
         return everything or small or (explicit and len(pos) < MASKED * src.file_rows)
-    chosen = [k for k, (src, pos) in enumerate(keep) if candidate(src, pos)]
+    chosen = [k for k, (src, pos, _) in enumerate(keep) if candidate(src, pos)]
     masked = any(len(keep[k][1]) < keep[k][0].file_rows for k in chosen)
     if len(chosen) < 2 and not (explicit and chosen and masked):
         return keep
     members = [keep[k] for k in chosen]
-    dim = next((src.dim for src, _ in members if src.dim), 0)
-    file, _ = write_merged(path, settings, members, dim)
+    dim = next((src.dim for src, _, _ in members if src.dim), 0)
+    file, _ = write_merged(path, settings, [(src, pos) for src, pos, _ in members], dim)
     name = f"{file.parent.name}/{file.name}"
     merged = replace(read_source(file, name, scan=False, failures=False), listed=True)
+    label_of = {src.keys[i]: label for src, pos, labels in members
+                for i, label in zip(pos, labels)}
     out = [entry for k, entry in enumerate(keep) if k not in chosen]
-    out.insert(sum(1 for k in range(chosen[0]) if k not in chosen), (merged, list(range(len(merged.keys)))))
+    out.insert(sum(1 for k in range(chosen[0]) if k not in chosen),
+               (merged, list(range(len(merged.keys))), [label_of[k] for k in merged.keys]))
     return out
 
 
-def write_index(path: Path, state: State, keep, labelling, attrs: dict, dim: int | None):
-    """Write the index for the rows `keep` ((source, positions) in order) beside `path`, then
-    rename it into place. `labelling`: (failures, classes, label index of a key)."""
-    failed, classes, label_of = labelling
-    names, runs, keys = [], [], []
-    for src, pos in keep:
+def write_index(path: Path, state: State, keep: list[Entry], labelling, attrs: dict,
+                dim: int | None):
+    """Write the index for the rows `keep` beside `path`, then rename it into place.
+    `labelling`: (failures, classes)."""
+    failed, classes = labelling
+    names, runs, labels = [], [], []
+    for src, pos, entry_labels in keep:
         s = len(names)
         names.append(src.name)
         runs += [(s, start, stop) for start, stop in _runs([src.rows[i] for i in pos])]
-        keys += [src.keys[i] for i in pos]
-    dim = next((src.dim for src, _ in keep if src.dim), dim or 0)
+        labels += entry_labels
+    dim = next((src.dim for src, _, _ in keep if src.dim), dim or 0)
     retired = sorted({s.name for s in state.sources if s.listed and s.name} - set(names))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -306,8 +323,8 @@ def write_index(path: Path, state: State, keep, labelling, attrs: dict, dim: int
             g.create_dataset("names", data=names, dtype=_STR)
             g.create_dataset("runs", data=np.asarray(runs, np.int64).reshape(-1, 3))
             g.create_dataset("retired", data=retired, dtype=_STR)
-            _views(f, [src.file_rows for src, _ in keep], names, runs, dim)
-            numbers(f, "labels", [label_of(k) for k in keys], np.int32)
+            _views(f, [src.file_rows for src, _, _ in keep], names, runs, dim)
+            numbers(f, "labels", labels, np.int32)
             f.create_dataset("classes", data=list(classes), dtype=_STR)
             write_failed(f, failed)
             f.attrs.update({**attrs, "embedding_dim": dim})
@@ -355,7 +372,7 @@ def _remove_unused(path: Path, state: State, keep, journal: bool):
     """After the swap: delete the shards the previous index had retired and, with `journal`,
     uncommitted shards whose rows are now elsewhere. Shards the previous index listed and this
     one does not are kept one more commit, for readers still holding the previous index."""
-    names = {src.name for src, _ in keep}
+    names = {src.name for src, _, _ in keep}
     doomed = set(state.retired)
     if journal:
         doomed |= {s.name for s in state.sources if not s.listed and s.name not in names}
@@ -364,8 +381,8 @@ def _remove_unused(path: Path, state: State, keep, journal: bool):
 
 
 def _masked_note(path: Path, keep) -> list[str]:
-    total = sum(src.file_rows * src.dim * 4 for src, _ in keep)
-    masked = sum((src.file_rows - len(pos)) * src.dim * 4 for src, pos in keep)
+    total = sum(src.file_rows * src.dim * 4 for src, _, _ in keep)
+    masked = sum((src.file_rows - len(pos)) * src.dim * 4 for src, pos, _ in keep)
     if masked <= SMALL_BYTES or masked * 4 <= total:
         return []
     return [f"{masked / 2**20:.0f} MB of {path}'s shards hold rows of files since deleted or "
@@ -397,20 +414,20 @@ def compact(path, everything: bool = False) -> dict:
         with _open(path, "CACHE") as f:
             labels = dict(zip(_strings(f["paths"]), f["labels"][()].tolist()))
             classes = _strings(f["classes"])
-        keep = [(src, list(range(len(src.keys)))) for src in state.sources
-                if src.listed and src.keys]
+        keep = [(src, list(range(len(src.keys))), [labels.get(k, -1) for k in src.keys])
+                for src in state.sources if src.listed and src.keys]
         before = len(keep)
         if state.legacy:
             keep = _migrate(path, keep)
         keep = _merge_small(path, settings, keep, explicit=True, everything=everything)
         failed = sorted((k, r, fp) for src in state.sources if src.listed
                         for k, (r, fp) in src.failed.items())
-        write_index(path, state, keep, (failed, classes, lambda key: labels.get(key, -1)),
+        write_index(path, state, keep, (failed, classes),
                     {**_attrs_of(state), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                     None)
         _remove_unused(path, state, keep, journal=False)
     return {"shards_before": before, "shards_after": len(keep),
-            "rows": sum(len(pos) for _, pos in keep)}
+            "rows": sum(len(pos) for _, pos, _ in keep)}
 
 
 def _attrs_of(state: State) -> dict:

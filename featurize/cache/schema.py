@@ -356,12 +356,17 @@ def read(path, option: str = "--cache", strict: bool = True) -> Cache:
     if strict and damaged:
         raise UserError(damage_message(path, len(damaged), paths[damaged[0]],
                                        attrs.get("dataset_root", "its dataset")))
-    if strict and n and not np.isfinite(emb).all():
-        bad = int((~np.isfinite(emb)).any(axis=1).sum())
+    if strict and n and (bad := _nonfinite_rows(emb)):
         raise UserError(f"cache {path} has {bad} rows with NaN or Inf; check it with "
                         f"python -m featurize verify {path}, then re-run featurize.")
     return Cache(Path(path), emb, paths, labels, classes, attrs, failed, damaged, rows.sizes,
                  rows.mtimes)
+
+
+def _nonfinite_rows(emb: np.ndarray) -> int:
+    """Rows holding a NaN or an Inf: a row's float64 sum is then NaN or Inf (float32 values
+    cannot overflow it), found in one pass without an N x D temporary."""
+    return int((~np.isfinite(emb.sum(axis=1, dtype=np.float64))).sum())
 
 
 def damage_message(path, count: int, first: str, root: str) -> str:

@@ -138,8 +138,8 @@ def write_merged(cache_path, settings, members, dim: int) -> tuple[Path, int]:
             for h in handles:
                 h.close()
         f.create_dataset("paths", data=[key for key, _, _ in rows], dtype=_STR)
-        f.create_dataset("digests", data=[members[k][0].digests[i] for _, k, i in rows],
-                         dtype=_STR)
+        digests = [src.digest_list() for src, _ in members]
+        f.create_dataset("digests", data=[digests[k][i] for _, k, i in rows], dtype=_STR)
         numbers(f, "sizes", [members[k][0].sizes[i] for _, k, i in rows], np.int64)
         numbers(f, "mtimes", [members[k][0].mtimes[i] for _, k, i in rows], np.int64)
         write_failed(f, [])
@@ -171,7 +171,7 @@ class Source:
     rows: list[int]  # row in the file
     sizes: list[int]
     mtimes: list[int]
-    digests: list[str]
+    digests: list[str] | None  # None until digest_list() reads them
     failed: dict[str, tuple[str, tuple[int, int]]]
     seq: int = 0
     file_rows: int = 0  # rows in the file, live or not
@@ -180,15 +180,23 @@ class Source:
     damaged: bool = False  # something fails its checksum, or the file is gone
     listed: bool = False  # in the index (else: progress not committed yet)
 
-    @property
-    def nbytes(self) -> int:
-        return self.file_rows * self.dim * 4
+    def digest_list(self) -> list[str]:
+        """The content digest of each row ("" where none was recorded), read once."""
+        if self.digests is None:
+            self.digests = [""] * len(self.keys)
+            if self.keys:
+                with h5py.File(self.path, "r") as f:
+                    if "digests" in f and f["digests"].shape[0] == self.file_rows:
+                        every = _strings(f["digests"])  # made before --check content: none
+                        self.digests = [every[r] for r in self.rows]
+        return self.digests
 
 
 def read_source(path: Path, name: str, live=None, scan: bool = True,
                 failures: bool = True) -> Source:
     """The rows of a shard; `live`: the (start, stop) runs the index keeps (None: all rows);
-    `scan`: also check the embeddings' checksums (reads them all)."""
+    `scan`: also check the embeddings' checksums (reads them all). Digests are read when
+    first needed (`Source.digest_list`)."""
     with h5py.File(path, "r") as f:
         n, dim = f["embeddings"].shape
         keep = np.zeros(n, bool)
@@ -200,15 +208,15 @@ def read_source(path: Path, name: str, live=None, scan: bool = True,
         if scan:
             bad |= set(_scan_live(f["embeddings"], live, n))
         keep[list(bad)] = False
-        rows = np.flatnonzero(keep).tolist()
         keys = _strings(f["paths"])
-        digests = _strings(f["digests"]) if "digests" in f else []
         failed, bad_failed = _read_failed(f) if failures else ({}, False)
         seq = int(f.attrs.get("seq", 0))
-    if len(digests) != n:  # made before --check content: no digest to compare
-        digests = [""] * n
-    return Source(path, name, [keys[r] for r in rows], rows, sizes[rows].tolist(),
-                  mtimes[rows].tolist(), [digests[r] for r in rows], failed, seq, n, dim,
+    if keep.all():  # the common case, without a per-row copy
+        rows, sizes, mtimes = range(n), sizes.tolist(), mtimes.tolist()
+    else:
+        rows = np.flatnonzero(keep).tolist()
+        keys, sizes, mtimes = [keys[r] for r in rows], sizes[rows].tolist(), mtimes[rows].tolist()
+    return Source(path, name, keys, list(rows), sizes, mtimes, None, failed, seq, n, dim,
                   len(bad), bool(bad or bad_failed))
 
 
