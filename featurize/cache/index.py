@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+from operator import attrgetter
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -64,7 +65,9 @@ class State:
                 self.legacy = True
                 self.sources.append(self._legacy_source())
         self.sources += self._unlisted_shards()
-        self._index_rows()
+        self._rows: dict[str, tuple[int, int]] | None = None  # made when first needed
+        self._failed: dict[str, tuple[str, tuple[int, int]]] = {}
+        self._all_current = False  # todo() found every row current, in the items' order
 
     def _read_index(self, option: str):
         with _open(self.path, option) as f:
@@ -111,18 +114,32 @@ class State:
                 file.unlink()  # shards are renamed into place only once complete: never here
         return sorted(found, key=lambda s: (s.seq, s.name))
 
+    @property
+    def rows(self) -> dict[str, tuple[int, int]]:
+        """key -> (source, position) of the newest row of each path."""
+        if self._rows is None:
+            self._index_rows()
+        return self._rows
+
+    @property
+    def failed(self) -> dict[str, tuple[str, tuple[int, int]]]:
+        """key -> (reason, fingerprint) of the images that could not be used."""
+        if self._rows is None:
+            self._index_rows()
+        return self._failed
+
     def _index_rows(self):
-        """key -> (source, position) of the newest row of each path, and the failures."""
-        self.rows: dict[str, tuple[int, int]] = {}
-        self.failed: dict[str, tuple[str, tuple[int, int]]] = {}
+        rows: dict[str, tuple[int, int]] = {}
+        failed = self._failed
         for s, src in enumerate(self.sources):
-            if self.failed:
+            if failed:
                 for key in src.keys:
-                    self.failed.pop(key, None)
-            self.rows.update(zip(src.keys, zip(itertools.repeat(s), range(len(src.keys)))))
+                    failed.pop(key, None)
+            rows.update(zip(src.keys, zip(itertools.repeat(s), range(len(src.keys)))))
             for key, value in src.failed.items():
-                self.failed[key] = value
-                self.rows.pop(key, None)
+                failed[key] = value
+                rows.pop(key, None)
+        self._rows = rows
 
     def fingerprint(self, key: str) -> tuple[int, int] | None:
         """(size, mtime) of the row of `key` when it was embedded; None without a row."""
@@ -149,6 +166,9 @@ class State:
     def todo(self, items) -> list:
         """Items that are new or changed since they were embedded (or failed); with
         check="content" they carry the digest of their content, to be recorded."""
+        aligned = self._todo_aligned(items)
+        if aligned is not None:
+            return aligned
         rows, sources, content = self.rows, self.sources, self.check == "content"
         out = []
         for it in items:  # the hot loop of a cache hit: a million items take about a second
@@ -166,6 +186,25 @@ class State:
             out.append(replace(it, digest=self.digest(it)) if content else it)
         return out
 
+    def _todo_aligned(self, items) -> list | None:
+        """The common re-run, fast: the cache's rows are exactly the items' paths in the same
+        order (one shard, or shards of consecutive paths) and none failed. Compared as whole
+        lists; None when they do not line up (the general path decides)."""
+        sources = [src for src in self.sources if src.keys or src.failed]
+        if self.check == "content" or any(src.failed for src in sources):
+            return None
+        if sum(len(src.keys) for src in sources) != len(items):
+            return None
+        if [it.key for it in items] != list(itertools.chain.from_iterable(
+                src.keys for src in sources)):
+            return None
+        sizes = itertools.chain.from_iterable(src.sizes for src in sources)
+        mtimes = itertools.chain.from_iterable(src.mtimes for src in sources)
+        changed = [it for it, size, mtime in zip(items, sizes, mtimes)
+                   if it.size != size or it.mtime_ns != mtime]
+        self._all_current = not changed
+        return changed
+
     def up_to_date(self, dataset) -> bool:
         """Given nothing to embed (`todo` is empty), whether there is nothing to mask,
         relabel, repair or fold in either: then the index can stay as it is."""
@@ -173,7 +212,8 @@ class State:
             return False
         if any(not src.listed or src.damaged for src in self.sources):
             return False
-        return (len(dataset.items) == len(self.rows) + len(self.failed)
+        covered = self._all_current or len(dataset.items) == len(self.rows) + len(self.failed)
+        return (covered
                 and self.attrs.get("labels_digest") == labels_digest(dataset)
                 and bool(self.attrs.get("complete", True)))
 
@@ -214,10 +254,10 @@ def _settings_mismatch(path, attrs, settings) -> str:
 
 def labels_digest(dataset) -> str:
     """A hash of the classes and of every (path, label): relabelling shows as a new value."""
+    items = dataset.items
     h = hashlib.sha256(json.dumps(dataset.classes).encode("utf-8", "surrogateescape"))
-    for part in ("\0".join(it.key for it in dataset.items),
-                 "\0".join("\1" if it.label is None else it.label for it in dataset.items)):
-        h.update(b"\2" + part.encode("utf-8", "surrogateescape"))
+    h.update("\0".join(map(attrgetter("key"), items)).encode("utf-8", "surrogateescape"))
+    h.update(json.dumps(list(map(attrgetter("label"), items))).encode())  # None: null
     return h.hexdigest()[:16]
 
 

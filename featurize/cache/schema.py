@@ -211,8 +211,10 @@ def _schema_problem(f, path: Path, option: str) -> str | None:
 def _strings(ds, start: int = 0, stop: int | None = None) -> list[str]:
     if not len(ds):
         return []
-    values = ds[start:stop] if (start, stop) != (0, None) else ds[()]
-    return [s.decode("utf-8") if isinstance(s, bytes) else s for s in values]
+    if h5py.check_string_dtype(ds.dtype) is None:  # not a string dataset: let h5py say
+        values = ds[start:stop]
+        return [s.decode("utf-8") if isinstance(s, bytes) else s for s in values]
+    return ds.asstr()[start:stop].tolist()
 
 
 def read_range(ds, start: int, stop: int, out=None, offset: int = 0) -> list[int]:
