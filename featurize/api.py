@@ -22,10 +22,10 @@ import numpy as np
 from . import cache as cache_io
 from .backbones import DEFAULT_BACKBONE
 from .errors import UserError, check_range
-from .extractor import (EmbedderConfig, EmbeddingSettings, Extractor, build_extractor,
-                        default_batch_size)
+from .extractor import EmbedderConfig, EmbeddingSettings, Extractor, default_batch_size
 from .images import ImageError
 from .run import MAX_BATCH_SIZE
+from .runtimes import build_extractor, check_runtime
 
 _SERIAL = threading.Lock()  # for families whose extractors are not thread-safe (dlib)
 PER_IMAGE_BATCH = 32  # a family that works per image has no accelerator to fill
@@ -37,21 +37,23 @@ class Embedder:
     """A frozen backbone that embeds images in memory, exactly as `featurize` embeds files.
 
     The options are those of `EmbedderConfig` (crop=, flip=, precision=, jitter=, resize=,
-    source_size= as keywords). The weights are resolved when it is made; the model is built
-    once, on first use. `embedder(images)` takes one image or a list of them: file paths
-    (decoded like the cache's, bad files are a UserError naming them), PIL images or uint8
-    arrays (converted to RGB and resized like a file's pixels; in-memory JPEGs are resized
-    from full resolution, where files are decoded at reduced scale when much larger), and
-    returns an (N, D) float32 array.
+    source_size= as keywords); runtime= "keras", "onnx" or "openvino" runs the same model
+    (default None: the fastest faithful one installed, see featurize.runtimes). The weights
+    are resolved when it is made; the model is built once, on first use. `embedder(images)`
+    takes one image or a list of them: file paths (decoded like the cache's, bad files are a
+    UserError naming them), PIL images or uint8 arrays (converted to RGB and resized like a
+    file's pixels; in-memory JPEGs are resized from full resolution, where files are decoded
+    at reduced scale when much larger), and returns an (N, D) float32 array.
     """
 
     def __init__(self, backbone=DEFAULT_BACKBONE, weights="default", layer=None, pool=None,
-                 input_size=None, *, batch_size=None, **options):
+                 input_size=None, *, batch_size=None, runtime=None, **options):
         if isinstance(backbone, EmbedderConfig):
             config = backbone
         else:
             config = EmbedderConfig(backbone, weights, layer, pool, input_size, **options)
         self.batch_size = check_range("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        self.runtime = check_runtime(runtime)  # None: the fastest faithful one installed
         self.config = config
         self.settings, self.resolved_weights = config.settings()
         self._extractor = None
@@ -67,7 +69,7 @@ class Embedder:
             attrs = cache.attrs if isinstance(cache, cache_io.Cache) else cache_io.read_attrs(cache)
         settings = EmbeddingSettings.from_json(attrs["settings"])
         embedder = cls.__new__(cls)
-        embedder.batch_size, embedder.config = None, None
+        embedder.batch_size, embedder.config, embedder.runtime = None, None, None
         embedder.settings = settings
         embedder.resolved_weights = weights_for(settings, attrs.get("weights_path", ""))
         embedder._extractor, embedder._building = None, threading.Lock()
@@ -78,7 +80,8 @@ class Embedder:
         """The built extractor (the model is built on first use, once)."""
         with self._building:
             if self._extractor is None:
-                self._extractor = build_extractor(self.settings, self.resolved_weights)
+                self._extractor = build_extractor(self.settings, self.resolved_weights,
+                                                  self.runtime)
             return self._extractor
 
     @property

@@ -154,7 +154,7 @@ class EmbedderConfig:
 
 
 POOLS = ("avg", "max")
-PRECISIONS = ("float32", "mixed")
+PRECISIONS = ("float32", "mixed", "int8")  # int8: CPU, quantised (featurize.runtimes.int8)
 RESIZES = ("cpu", "device")
 
 
@@ -189,6 +189,9 @@ def _is_top(spec: Backbone, layer: str | None) -> bool:
 
 def build_extractor(settings: EmbeddingSettings, weights: Weights) -> Extractor:
     """The extractor the settings' backbone family makes (Keras imported only now)."""
+    if settings.precision == "int8":
+        raise UserError("--precision int8 runs on ONNX Runtime: build the extractor with "
+                        "featurize.runtimes.build_extractor, or use --precision float32.")
     return settings.spec.family.make_extractor(settings, weights)
 
 
@@ -430,4 +433,7 @@ def weights_for(settings: EmbeddingSettings, weights_path: str = "") -> Weights:
 def extractor_for(attrs: dict) -> Extractor:
     """The extractor that made a cache, from its attributes (for new images)."""
     settings = EmbeddingSettings.from_json(attrs["settings"])
+    if settings.precision == "int8":  # the quantised model it was made with, not Keras
+        from .runtimes.int8 import recorded_extractor
+        return recorded_extractor(settings, attrs)
     return build_extractor(settings, weights_for(settings, attrs.get("weights_path", "")))

@@ -191,15 +191,22 @@ def _list_file(source: Path) -> Dataset:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read list file {source} ({e}); give a UTF-8 text file of "
                         "image paths, one per line.") from None
+    remote = url_fingerprints([p for line in lines
+                               if is_url(p := line.partition("\t")[0].strip())])
     items, line_of, repeats, entries, any_file, clash = {}, {}, 0, 0, False, None
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
         entries += 1
         path, _, label = line.partition("\t")
-        full = os.path.normpath(os.path.join(root, path.strip()))
-        item = _item(str(root), full, label.strip() or None)
-        any_file = any_file or os.path.isfile(full)
+        if is_url(path.strip()):  # key and path: the URL itself
+            url, found = path.strip(), remote.get(path.strip())
+            item = Item(url, url, label.strip() or None, *(found or (0, 0)))
+            any_file = any_file or found is not None
+        else:
+            full = os.path.normpath(os.path.join(root, path.strip()))
+            item = _item(str(root), full, label.strip() or None)
+            any_file = any_file or os.path.isfile(full)
         if item.key not in items:
             items[item.key], line_of[item.key] = item, number
         elif items[item.key].label != item.label:
@@ -259,6 +266,8 @@ def _read(path: str) -> bytes:
     """The bytes of an image file. What cannot be an image is refused before it is read:
     a special file, a file whose first bytes are no supported format's, a file over
     MAX_FILE_BYTES."""
+    if is_url(path):
+        return _read_url(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -285,6 +294,120 @@ def _read(path: str) -> bytes:
         raise ImageError(f"cannot read: {e.strerror}") from None
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(_too_large(len(data)))
+    return data
+
+
+# --- fsspec URLs (s3://bucket/key, gs://..., any protocol fsspec has a package for) --------------
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: str) -> bool:
+    """Whether a list file's path is an fsspec URL (`s3://bucket/a.jpg`) rather than a file."""
+    return bool(_URL.match(path))
+
+
+def _url_fs(url: str):
+    """(fsspec filesystem, path within it) for a URL; a UserError naming the package to
+    install when its protocol's is missing. S3 endpoints and credentials come from the usual
+    places (AWS_ENDPOINT_URL, AWS_* variables, ~/.aws) or fsspec's configuration."""
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        import fsspec
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # fsspec's message names the package ("Install s3fs to ...")
+        fix = ("the s3fs package: pip install s3fs (or 'featurize-embeddings[s3]')"
+               if protocol in ("s3", "s3a") else f"a package fsspec names: {e}")
+        raise UserError(f"{url}: reading {protocol}:// URLs needs {fix}.") from None
+    except ValueError as e:  # a protocol fsspec does not know
+        raise UserError(f"{url}: unknown URL protocol {protocol!r} ({e}); list local paths "
+                        "or URLs fsspec can open (s3://...).") from None
+
+
+def source_path(root, key: str) -> str:
+    """Where the image of a cache row is: its key itself for a URL, else under the root."""
+    return key if is_url(key) else os.path.join(root, key)
+
+
+def fingerprints(root, keys: list[str]) -> dict[str, tuple[int, int]]:
+    """(size, mtime ns) of each row's image that still exists: os.stat for files, one listing
+    per folder for URLs."""
+    found = url_fingerprints([k for k in keys if is_url(k)])
+    for key in keys:
+        if not is_url(key):
+            try:
+                st = os.stat(os.path.join(root, key))
+            except OSError:
+                continue
+            found[key] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def url_fingerprints(urls: list[str]) -> dict[str, tuple[int, int]]:
+    """(size, mtime in ns) of each URL that exists, by one listing of each folder (a HEAD
+    request per object would cost a round trip per image)."""
+    by_folder: dict = {}
+    for url in dict.fromkeys(urls):
+        fs, path = _url_fs(url)
+        by_folder.setdefault((id(fs), fs._parent(path)), (fs, []))[1].append((url, path))
+    found = {}
+    for (_, folder), (fs, members) in by_folder.items():
+        try:
+            listing = {fs._strip_protocol(info["name"]): info
+                       for info in fs.ls(folder, detail=True)}
+        except FileNotFoundError:
+            listing = {}
+        except Exception as e:  # no such bucket, no permission, no connection
+            raise UserError(f"cannot list {members[0][0].rsplit('/', 1)[0]}/ "
+                            f"({type(e).__name__}: {str(e)[:160]}); check the URLs, the "
+                            "credentials and the endpoint (AWS_ENDPOINT_URL for S3).") from None
+        for url, path in members:
+            info = listing.get(fs._strip_protocol(path))
+            if info is not None and info.get("type", "file") == "file":
+                found[url] = (int(info.get("size") or 0), _mtime_ns(info))
+    return found
+
+
+def _mtime_ns(info: dict) -> int:
+    """An object's modification time in ns from an fsspec info dict (the key differs by
+    protocol); 0 when it has none. ETags are no number, so size + mtime is the fingerprint."""
+    import datetime
+    for name in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        value = info.get(name)
+        if isinstance(value, str):
+            try:
+                value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(value, datetime.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=datetime.timezone.utc)
+            whole = int(value.replace(microsecond=0).timestamp())
+            return whole * 10**9 + value.microsecond * 1000
+        if isinstance(value, (int, float)) and value:
+            return int(round(value * 1e9)) if value < 1e12 else int(value)
+    return 0
+
+
+def _read_url(url: str) -> bytes:
+    """`_read` for a URL, with the same refusals (empty, too large, no image signature)."""
+    fs, path = _url_fs(url)
+    try:
+        with fs.open(path, "rb") as f:
+            size = f.size
+            if not size:
+                raise ImageError("empty file")
+            if size > MAX_FILE_BYTES:
+                raise ImageError(_too_large(size))
+            data = f.read(size)  # one request; the size cap bounds what a non-image costs
+    except FileNotFoundError:
+        raise ImageError("missing") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:
+        raise ImageError(f"cannot read: {str(e)[:80]}") from None
+    if not _looks_like_image(data[:_HEADER_BYTES]):
+        raise ImageError("not an image")
     return data
 
 

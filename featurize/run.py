@@ -15,6 +15,8 @@ from .errors import UserError, check_range
 from .extractor import EmbedderConfig, Extractor, build_extractor, default_batch_size
 from .images import ImageError, image_size, list_dataset
 from .pipeline import batches, exit_if_worker_is_starting
+from .runtimes import build_extractor as build_runtime_extractor, check_options, check_runtime
+from .runtimes import choose as choose_runtime
 
 
 @dataclass
@@ -63,6 +65,7 @@ class RunOptions:
     engine: str = "local"  # or "ray": Ray Data tasks and actors (featurize.ray_engine)
     address: str | None = None  # --engine ray: the cluster to join; None: a local Ray
     gpus_per_worker: float = 0  # --engine ray: GPUs each embedding actor takes (0: CPU actors)
+    runtime: str | None = None  # keras, onnx or openvino; None: the fastest faithful one here
     out: str | Path | None = None  # the cache file; None: named after dataset and settings
     cache_dir: str | Path = cache.DEFAULT_DIR
 
@@ -75,6 +78,7 @@ class RunOptions:
         if self.engine not in ENGINES:
             raise UserError(f"--engine must be {' or '.join(ENGINES)}, not {self.engine!r}.")
         check_range("--gpus-per-worker", self.gpus_per_worker, 0, 64, kind=float)
+        check_runtime(self.runtime)
         if self.engine != "ray" and (self.address or self.gpus_per_worker):
             raise UserError("--address and --gpus-per-worker go with --engine ray; add it, or "
                             "drop them.")
@@ -119,6 +123,8 @@ def featurize(source, options: FeaturizeOptions | None = None, *, embedder=None,
     start = time.perf_counter()
     options = FeaturizeOptions.from_kwargs(options, **kwargs)
     run = options.run
+    check_options(embedder.config if embedder is not None and embedder.config else
+                  options.embedding, run.runtime)
     dataset = list_dataset(source)
     if embedder is not None:
         settings, w = embedder.settings, embedder.resolved_weights
@@ -127,6 +133,12 @@ def featurize(source, options: FeaturizeOptions | None = None, *, embedder=None,
     path = Path(run.out) if run.out else cache.path_for(dataset, settings, run.cache_dir)
     summary = Summary(path, total=len(dataset.items), notes=list(getattr(dataset, "notes", ())))
     _check_writable(path)
+    if run.engine == "ray":  # said before the lock, before any file
+        if options.embedding.precision == "int8":
+            raise UserError("--precision int8 runs with --engine local: it is calibrated on "
+                            "a sample of the whole dataset in one process; drop --engine ray.")
+        from .ray_engine import import_ray
+        import_ray()
     with cache.lock(path):
         state = cache.State(path, settings, check=run.check)
         todo = state.todo(dataset.items)
@@ -138,10 +150,19 @@ def featurize(source, options: FeaturizeOptions | None = None, *, embedder=None,
             return summary
         extractor = None
         if todo and run.engine == "local":  # Ray's actors build their own
-            extractor = embedder.extractor if embedder is not None else build_extractor(settings, w)
+            extractor = (embedder.extractor if embedder is not None
+                         else _extractor(settings, w, run.runtime, dataset, path))
         _run(todo, extractor, (path, settings, dataset, state, w), summary, run)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _extractor(settings, w, runtime, dataset, path):
+    """The extractor on the runtime chosen (featurize.runtimes): Keras's, or an exported
+    model's (int8 is calibrated on `dataset`, or goes on with the cache at `path`)."""
+    if choose_runtime(settings, runtime) == "keras":
+        return build_extractor(settings, w)
+    return build_runtime_extractor(settings, w, runtime, dataset, path)
 
 
 def _settings(config: EmbedderConfig, dataset):
@@ -181,7 +202,7 @@ def _run(todo, extractor: Extractor, target, summary, run: RunOptions):
 
 def _embed(todo, extractor: Extractor, journal, summary, batch_size, workers, progress):
     """Embed `todo` batch by batch into the journal, counting into `summary`."""
-    bar = _progress(len(todo), progress)
+    bar = progress_bar(len(todo), progress)
     size = batch_size or default_batch_size()
     for batch in (batches(todo, extractor, size, workers) if todo else ()):
         journal.add(batch.items, batch.embeddings)
@@ -238,6 +259,6 @@ def _can_write(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, unit="img", disable=not enabled or total == 0, smoothing=0.1)

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import cache
 from .errors import UserError, check_range
-from .images import prepare_image
+from .images import fingerprints, is_url, prepare_image, source_path
 
 ZERO_SCALE = 1e-6  # largest |value| below which no network's embedding is informative
 SAME_ROWS = 1e-5  # rows closer than this, relative to their scale, are one and the same
@@ -112,21 +112,20 @@ def _check_files(c, report: Report) -> np.ndarray:
     """Files gone, or changed since they were embedded; returns the mask of such rows."""
     root = c.attrs.get("dataset_root", "")
     gone = np.zeros(len(c.paths), bool)
-    if c.paths and not os.path.isdir(root):
+    if c.paths and not os.path.isdir(root) and not any(map(is_url, c.paths)):
         report.problems.append(f"the dataset folder {root} no longer exists (moved or "
                                "deleted?): none of its files can be checked; run featurize on "
                                "its new place")
         report.missing = list(c.paths)
         gone[:] = True
         return gone
+    found = fingerprints(root, c.paths)
     for i, key in enumerate(c.paths):
-        try:
-            st = os.stat(os.path.join(root, key))
-        except OSError:
+        now = found.get(key)
+        if now is None:
             report.missing.append(key)
             gone[i] = True
-            continue
-        if c.sizes is not None and (st.st_size, st.st_mtime_ns) != (c.sizes[i], c.mtimes[i]):
+        elif c.sizes is not None and now != (c.sizes[i], c.mtimes[i]):
             report.changed.append(key)
             gone[i] = True
     if report.missing:
@@ -152,7 +151,7 @@ def _check_sample(c, report: Report, candidates, sample: int, tolerance: float, 
     picked = sorted(rng.choice(candidates, size=min(sample, len(candidates)), replace=False))
     arrays, kept = [], []
     for i in picked:
-        array, reason = prepare_image(ext.prepare, os.path.join(root, c.paths[i]))
+        array, reason = prepare_image(ext.prepare, source_path(root, c.paths[i]))
         if reason is not None:
             report.problems.append(f"{c.paths[i]} no longer decodes ({reason}), though it "
                                    "decoded when it was embedded; replace the file or run "

@@ -3,6 +3,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# The suite runs on Keras (the source of truth) wherever ONNX Runtime or OpenVINO is
+# installed; tests/test_runtimes.py asks for the others, and for the default, explicitly.
+os.environ.setdefault("FEATURIZE_RUNTIME", "keras")
 
 import numpy as np
 import pytest

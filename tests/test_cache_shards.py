@@ -235,3 +235,33 @@ def test_compact_and_export_from_python(tmp_path, no_merging):
     assert_same_cache(featurize.open_cache(s.path), s)
     done = featurize.export_cache(s.path, tmp_path / "out", "npy")
     assert done.rows == 12 and (tmp_path / "out" / "featurize_export.json").is_file()
+
+
+READER = """
+import sys, time
+from featurize import cache
+from featurize.errors import UserError
+seen, end = [], time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        seen.append(len(cache.read(sys.argv[1]).paths))
+    except UserError as e:
+        print("error:", e)
+        sys.exit(1)
+print(" ".join(map(str, seen)))
+"""
+
+
+def test_a_reader_in_another_process_sees_whole_versions_while_runs_append(tmp_path):
+    folder = make_folder(tmp_path / "imgs", per_class=3)
+    s = featurize(folder, cache_dir=tmp_path / "c", **TINY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(s.path), "20"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for k in range(4):  # each run appends a shard and merges the small ones: shards come and go
+        write_image(folder / "alice" / f"more_{k}.jpg", seed=500 + k)
+        featurize(folder, cache_dir=tmp_path / "c", **TINY)
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, out + err
+    counts = [int(n) for n in out.split()]
+    assert counts and counts == sorted(counts) and set(counts) <= set(range(9, 14)), counts

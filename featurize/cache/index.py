@@ -374,6 +374,9 @@ def write_index(path: Path, state: State, keep: list[Entry], labelling, attrs: d
         raise UserError(f"cannot write cache {path} ({e.strerror or e}); free some space or "
                         "choose another --out. The previous cache and the progress since are "
                         "intact.") from None
+    except BaseException:  # interrupted mid-write: the previous index stays, whole
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:

@@ -112,6 +112,9 @@ def _write_file(cache_path, name: str, settings, fill) -> Path:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write to {folder} ({e.strerror or e}); free some space or "
                         "choose another --out. Earlier progress is kept.") from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return final
 
 

@@ -1,0 +1,167 @@
+"""Where a Keras backbone runs: Keras itself, or an exported copy of the same model run by
+ONNX Runtime or OpenVINO (faster on a CPU).
+
+Keras stays the source of truth: the exported model is the exact Keras model featurize
+builds (preprocessing, crop/resize layers, the cut at --layer, pooling, flip), exported once
+into `~/.keras/models/featurize-exports/` and reused (`featurize.runtimes.exports`). An fp32
+runtime gives the same embeddings as Keras (to ~1e-6 relative, tested), so it shares Keras's
+cache key; the runtime is recorded in the cache's provenance. Nothing here imports Keras,
+ONNX Runtime or OpenVINO until an extractor is built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+from ..errors import UserError
+
+RUNTIMES = ("keras", "onnx", "openvino")
+# The default on a CPU, fastest first: measured with benchmarks/runtimes.py (OpenVINO 1.41x
+# TensorFlow on ResNet-50 end to end, ONNX Runtime 1.25x; 0.98x and 0.93x on VGG16).
+CPU_PREFERENCE = ("openvino", "onnx")
+ENV_RUNTIME = "FEATURIZE_RUNTIME"  # the default runtime of a machine (or a test suite)
+# What each exported runtime needs installed, and the extra that installs it.
+REQUIRES = {"onnx": ("onnxruntime", "tf2onnx", "onnx"), "openvino": ("openvino",)}
+EXTRA_HINT = "pip install 'featurize-embeddings[{}]'"
+
+
+def requested(runtime: str | None) -> str | None:
+    """The runtime asked for: the option, else the FEATURIZE_RUNTIME environment variable (a
+    machine's or a test suite's default), else None (choose)."""
+    return runtime if runtime is not None else (os.environ.get(ENV_RUNTIME) or None)
+
+
+def check_runtime(runtime: str | None, option: str = "--runtime") -> str | None:
+    """A valid --runtime, installed (None: choose when the extractor is built), checked
+    without importing it: before any file is written."""
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UserError(f"{option} must be {' or '.join(RUNTIMES)}, not {runtime!r}.")
+    if runtime in REQUIRES:
+        require(runtime)
+    return runtime
+
+
+def installed(runtime: str) -> bool:
+    """Whether what `runtime` needs is importable (found, not imported)."""
+    return all(importlib.util.find_spec(m) is not None for m in REQUIRES.get(runtime, ()))
+
+
+def require(runtime: str) -> None:
+    """A one-line UserError naming the extra when `runtime` is asked for but not installed."""
+    if not installed(runtime):
+        missing = [m for m in REQUIRES[runtime] if importlib.util.find_spec(m) is None]
+        raise UserError(f"--runtime {runtime} needs {', '.join(missing)}: "
+                        f"{EXTRA_HINT.format(runtime)} (or use --runtime keras).")
+
+
+def exportable(settings) -> bool:
+    """Whether the settings describe one Keras model an exported runtime can run: not dlib
+    (not a Keras model), not --precision mixed (bfloat16 is Keras's), not --resize device
+    (its antialiased resize has no ONNX/OpenVINO operator, and is for accelerators)."""
+    return _exportable(settings.spec, settings.precision, settings.model_input.source is None)
+
+
+def _exportable(spec, precision: str, cpu_resize: bool) -> bool:
+    return not spec.family.per_image and precision in ("float32", "int8") and cpu_resize
+
+
+def check_options(config, runtime: str | None) -> None:
+    """Reject a runtime the embedding options (an `EmbedderConfig`) cannot run on, before
+    anything is listed or written (also when every image is already cached)."""
+    from ..backbones import get_backbone
+    runtime = check_runtime(runtime)
+    cpu_resize = config.resize == "cpu" and config.source_size is None
+    if config.precision == "int8":
+        if runtime not in (None, "onnx") or not _exportable(get_backbone(config.backbone),
+                                                             "int8", cpu_resize):
+            raise UserError(INT8_HELP)
+        require("onnx")
+    elif runtime not in (None, "keras") and not _exportable(get_backbone(config.backbone),
+                                                            config.precision, cpu_resize):
+        raise UserError(_keras_only(runtime, config.backbone))
+
+
+INT8_HELP = ("--precision int8 runs a Keras backbone's model quantised on ONNX Runtime, with "
+             "--resize cpu: use --runtime onnx (or leave it out).")
+
+
+def _keras_only(runtime: str, backbone: str) -> str:
+    return (f"--runtime {runtime} runs a Keras backbone at --precision float32 with --resize "
+            f"cpu; {backbone} with these options runs on Keras: use --runtime keras.")
+
+
+def choose(settings, runtime: str | None = None) -> str:
+    """The runtime asked for (checked: installed, able to run these settings), or the default:
+    the fastest faithful one installed for the device (Keras on a GPU/TPU; on a CPU
+    OpenVINO, else ONNX Runtime, else Keras). FEATURIZE_RUNTIME, where set, is the default
+    (Keras for what only Keras runs; int8 runs on ONNX Runtime whatever it says)."""
+    runtime = check_runtime(runtime)
+    preferred = check_runtime(requested(None), ENV_RUNTIME)
+    if runtime is None and preferred is not None and settings.precision != "int8":
+        return preferred if preferred == "keras" or exportable(settings) else "keras"
+    if settings.precision == "int8":
+        if runtime not in (None, "onnx") or not exportable(settings):
+            raise UserError(INT8_HELP)
+        require("onnx")
+        return "onnx"
+    if runtime == "keras":
+        return runtime
+    if runtime is not None:
+        if not exportable(settings):
+            raise UserError(_keras_only(runtime, settings.backbone))
+        require(runtime)
+        return runtime
+    if not exportable(settings) or _on_accelerator():
+        return "keras"
+    return next((r for r in CPU_PREFERENCE if installed(r)), "keras")
+
+
+def _on_accelerator() -> bool:
+    from ..extractor import accelerator, import_keras
+    import_keras()
+    return accelerator()
+
+
+def build_extractor(settings, weights, runtime: str | None = None, dataset=None,
+                    cache_path=None):
+    """The extractor for the settings on the chosen runtime (see `choose`). When the default
+    runtime cannot export this model, the next one is used (with a warning); a runtime asked
+    for by name is that runtime or a UserError. --precision int8 is calibrated on a sample
+    of `dataset` (a `featurize.images.Dataset`), or goes on with the model that made the
+    int8 cache at `cache_path`."""
+    from ..extractor import build_extractor as build_keras_extractor
+    chosen = choose(settings, runtime)
+    if settings.precision == "int8":
+        if dataset is None:
+            raise UserError("precision int8 is calibrated on a dataset's own images: use "
+                            "featurize.embed_folder(folder, precision='int8') or the command "
+                            "line, not an Embedder.")
+        from .int8 import int8_extractor
+        return int8_extractor(settings, weights, dataset, cache_path)
+    runtime = requested(runtime)
+    candidates = [chosen]
+    if runtime is None and chosen != "keras":  # the default: the next one if it cannot export
+        candidates += [r for r in CPU_PREFERENCE if r != chosen and installed(r)]
+    for candidate in candidates:
+        try:
+            return _exported_extractor(settings, weights, candidate)
+        except UserError as e:
+            if runtime is not None or chosen == "keras":
+                raise
+            warnings.warn(f"the default runtime {candidate} cannot be used: {e} (trying the "
+                          "next one)", RuntimeWarning, stacklevel=2)
+    return build_keras_extractor(settings, weights)
+
+
+def _exported_extractor(settings, weights, runtime: str):
+    from .engines import ENGINES
+    from .exports import exported_model
+    if runtime == "keras":
+        from ..extractor import build_extractor as build_keras_extractor
+        return build_keras_extractor(settings, weights)
+    return ENGINES[runtime](exported_model(settings, weights, runtime), settings)
+
+
+__all__ = ["RUNTIMES", "build_extractor", "check_runtime", "choose", "installed", "require"]

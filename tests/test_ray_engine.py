@@ -1,0 +1,326 @@
+"""`--engine ray` (issue #13 item 2): Ray Data decoding tasks and an actor pool write cache
+shards; equal to a local run; resumes after a killed driver without redoing a shard; survives
+a killed worker; reads a manifest of s3:// URLs from a local S3 server; one-line errors
+without Ray or s3fs. Ray starts with 2 CPUs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_folder, same, write_image
+from featurize import cache
+from featurize.run import featurize
+
+REPO = Path(__file__).resolve().parents[1]
+# Ray Data's own DataContext warns about its own deprecated fields as it copies itself.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32, progress=False)
+TINY_CLI = ["--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32"]
+SMALL = dict(flush_rows=6, batch_size=4)  # work shards of 6 images, model batches of 4
+SMALL_CLI = ["--checkpoint-rows", "6", "--batch-size", "4"]
+BAD = {"bob/bob_truncated.jpg": "corrupt: truncated", "carol/carol_text.jpg": "not an image"}
+
+
+def _env(keras_home: Path, **extra) -> dict:
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "3",
+            "KERAS_HOME": str(keras_home), **extra}
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "featurize", *map(str, args)]
+
+
+def _dataset(root: Path, per_class: int = 10) -> Path:
+    """Three classes of small JPEGs, one truncated and one text file named .jpg."""
+    make_folder(root, classes=("alice", "bob", "carol"), per_class=per_class)
+    good = write_image(root / "bob" / "whole.jpg", seed=7).read_bytes()
+    (root / "bob" / "bob_truncated.jpg").write_bytes(good[:len(good) // 2])
+    (root / "bob" / "whole.jpg").unlink()
+    (root / "carol" / "carol_text.jpg").write_text("not an image")
+    return root
+
+
+def _assert_same_cache(got: Path, want: Path):
+    a, b = cache.read(got), cache.read(want)
+    assert a.paths == b.paths and a.classes == b.classes
+    assert list(a.labels) == list(b.labels)
+    assert a.failed == b.failed
+    np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=same(1e-5), atol=same(1e-6))
+
+
+@pytest.fixture(scope="module")
+def keras_home(tmp_path_factory):
+    """Not the user's ~/.keras; shared by this module's runs, Ray workers and subprocesses, so
+    the tiny model is exported for ONNX Runtime (the CPU default) once, not once per process."""
+    home = tmp_path_factory.mktemp("keras_home")
+    with pytest.MonkeyPatch.context() as mp:  # for the module fixtures' own runs
+        mp.setenv("KERAS_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(autouse=True)
+def _shared_keras_home(_isolated_keras_home, keras_home, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(keras_home))
+
+
+@pytest.fixture(scope="module")
+def ray_session(keras_home):
+    """One Ray for the in-process tests (the subprocess tests start their own)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"KERAS_HOME": str(keras_home)}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _dataset(tmp_path_factory.mktemp("ray") / "faces")
+
+
+@pytest.fixture(scope="module")
+def reference(keras_home, images, tmp_path_factory):
+    """The single-process cache of `images`: what every Ray run must equal."""
+    out = tmp_path_factory.mktemp("ref") / "local.h5"
+    summary = featurize(images, out=out, **SMALL, **TINY)
+    assert summary.failed == BAD and summary.embedded == 30
+    return out
+
+
+def test_ray_run_equals_a_local_run(ray_session, images, reference, tmp_path):
+    out = tmp_path / "ray.h5"
+    summary = featurize(images, out=out, engine="ray", **SMALL, **TINY)
+    assert summary.embedded == 30 and summary.failed == BAD and summary.committed
+    _assert_same_cache(out, reference)
+    assert ray_session.is_initialized()  # the caller's Ray is left running
+    attrs = cache.read(out).attrs
+    assert attrs["keras_version"] and attrs["embedding_dim"] == 512  # the actors' provenance
+    again = featurize(images, out=out, engine="ray", **SMALL, **TINY)
+    assert again.embedded == 0 and again.reused == 32
+
+
+def test_a_mistake_an_actor_finds_is_one_user_error(ray_session, tmp_path):
+    import h5py
+    from featurize.errors import UserError
+    folder = make_folder(tmp_path / "imgs", per_class=1)
+    with h5py.File(tmp_path / "not_weights.h5", "w") as f:  # found out when the model loads
+        f["x"] = np.zeros(3)
+    options = dict(TINY, weights=str(tmp_path / "not_weights.h5"))
+    with pytest.raises(UserError, match="not a Keras 2 weight file"):
+        featurize(folder, out=tmp_path / "c.h5", engine="ray", **options)
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_per_image_extractor_dlib_decodes_in_its_actors(ray_session, tmp_path):
+    pytest.importorskip("dlib")
+    pytest.importorskip("face_recognition_models")
+    folder = make_folder(tmp_path / "faces", per_class=2)
+    (folder / "alice" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 40)
+    options = dict(backbone="dlib-resnet", progress=False, flush_rows=4)
+    local = featurize(folder, out=tmp_path / "local.h5", **options)
+    on_ray = featurize(folder, out=tmp_path / "ray.h5", engine="ray", **options)
+    assert on_ray.embedded == local.embedded == 6 and on_ray.failed == local.failed
+    _assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
+    assert cache.read(tmp_path / "ray.h5").attrs["dlib_version"]
+
+
+def _trace_lines(path: Path, kind: str) -> list[list[str]]:
+    if not path.exists():
+        return []
+    return [line.split()[1:] for line in path.read_text().splitlines() if line.startswith(kind)]
+
+
+def _wait(condition, proc, timeout=120):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended first ({proc.returncode}): {out[-500:]} {err[-2000:]}")
+        time.sleep(0.05)
+    pytest.fail("timed out")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_killed_driver_rerun_skips_every_completed_shard(keras_home, images, reference,
+                                                        tmp_path):
+    out, trace = tmp_path / "ray.h5", tmp_path / "trace"
+    # a pause after each shard: the Ray processes outlive the killed driver for a moment
+    env = _env(keras_home, FEATURIZE_RAY_TRACE=str(trace), FEATURIZE_RAY_TRACE_SLEEP="1")
+    cmd = _cli(images, "--engine", "ray", "--out", out, *TINY_CLI, *SMALL_CLI)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait(lambda: len(list(cache.shards_dir(out).glob("work-*.h5"))) >= 2, proc)
+    proc.kill()  # SIGKILL: no cleanup, no commit
+    proc.communicate()
+    actors = {int(pid) for (pid,) in _trace_lines(trace, "start")}
+    _wait(lambda: all(_gone(pid) for pid in actors), None, timeout=60)  # Ray dies with it
+    done = {p.stem for p in cache.shards_dir(out).glob("work-*.h5")}
+    before = [name for name, _, _ in _trace_lines(trace, "embed")]
+    assert 2 <= len(done) < 6 and not out.exists()
+
+    rerun = subprocess.run(cmd + ["--quiet"],
+                           env=_env(keras_home, FEATURIZE_RAY_TRACE=str(trace)), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    noise = [line for line in rerun.stderr.splitlines() if not line.startswith("warning: ")
+             and "core_worker.cc" not in line]  # Ray's C++ note on actor restarts, one line
+    assert noise == [], rerun.stderr  # no Ray start-up, log or progress lines
+    _assert_same_cache(out, reference)
+    later = [name for name, _, _ in _trace_lines(trace, "embed")[len(before):]]
+    assert done <= set(before) and not done & set(later)  # no completed shard redone
+    assert len(later) == len(set(later)) and len(done | set(later)) == 6  # 32 images / 6
+
+
+def test_killed_worker_is_restarted_and_the_run_completes(keras_home, images, reference,
+                                                          tmp_path):
+    out, trace = tmp_path / "ray.h5", tmp_path / "trace"
+    env = _env(keras_home, FEATURIZE_RAY_TRACE=str(trace), FEATURIZE_RAY_TRACE_SLEEP="0.4")
+    proc = subprocess.Popen(_cli(images, "--engine", "ray", "--out", out, "--quiet",
+                                 *TINY_CLI, *SMALL_CLI),
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait(lambda: len(_trace_lines(trace, "embed")) >= 1, proc)
+    (first,) = {int(pid) for (pid,) in _trace_lines(trace, "start")}
+    os.kill(first, signal.SIGKILL)  # the embedding actor, mid-run
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert len(_trace_lines(trace, "start")) >= 2  # Ray started a new actor
+    _assert_same_cache(out, reference)
+    assert "done:" in stdout
+
+
+GLOBALS_SCRIPT = """
+import faulthandler, signal, sys
+from featurize.run import featurize
+def state():
+    return ({s: signal.getsignal(s) for s in signal.Signals
+             if s not in (signal.SIGKILL, signal.SIGSTOP)}, faulthandler.is_enabled())
+before = state()
+summary = featurize(sys.argv[1], out=sys.argv[2], engine="ray", backbone="vggface-vgg16",
+                    weights="none", input_size=32, progress=False)
+import ray
+print(summary.embedded, state() == before, ray.is_initialized())
+"""
+
+
+def test_a_library_call_that_starts_ray_leaves_the_process_as_found(keras_home, tmp_path):
+    folder = make_folder(tmp_path / "imgs", per_class=1)
+    run = subprocess.run([sys.executable, "-c", GLOBALS_SCRIPT, folder, tmp_path / "c.h5"],
+                         env=_env(keras_home), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["3", "True", "False"]  # signals, faulthandler; Ray shut down
+
+
+# --- fsspec manifests on a local S3 server ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3(images):
+    """moto's S3 server on 127.0.0.1 with the test images uploaded under s3://faces/."""
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="faces")
+    for path in sorted(images.rglob("*.jpg")):
+        client.upload_file(str(path), "faces", path.relative_to(images).as_posix())
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def _manifest(images: Path, path: Path, url: bool) -> Path:
+    lines = []
+    for p in sorted(images.rglob("*.jpg")):
+        rel = p.relative_to(images).as_posix()
+        lines.append(f"{'s3://faces/' + rel if url else p}\t{rel.split('/')[0]}")
+    lines.append("s3://faces/nobody/missing.jpg\tnobody" if url else f"{images}/nobody.jpg\tnobody")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_s3_manifest_on_ray_and_locally_equals_the_same_images_from_disk(keras_home, images, s3,
+                                                                         tmp_path):
+    disk = featurize(_manifest(images, tmp_path / "disk.txt", url=False),
+                     out=tmp_path / "disk.h5", **SMALL, **TINY)
+    manifest = _manifest(images, tmp_path / "s3.txt", url=True)
+    run = subprocess.run(_cli(manifest, "--engine", "ray", "--out", tmp_path / "ray.h5",
+                              "--quiet", *TINY_CLI, *SMALL_CLI),
+                         env=_env(keras_home, **s3), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    local = featurize(manifest, out=tmp_path / "local.h5", **SMALL, **TINY)
+    assert local.embedded == 30 and disk.embedded == 30
+    want = cache.read(tmp_path / "disk.h5")
+    by_name = {"/".join(Path(p).parts[-2:]): row for row, p in enumerate(want.paths)}
+    for made in (cache.read(tmp_path / "ray.h5"), cache.read(tmp_path / "local.h5")):
+        assert all(p.startswith("s3://faces/") for p in made.paths)  # keys: the URLs
+        rows = [by_name[p[len("s3://faces/"):]] for p in made.paths]
+        assert len(rows) == 30 and made.classes == want.classes
+        np.testing.assert_allclose(made.embeddings, want.embeddings[rows], rtol=same(1e-5),
+                                   atol=same(1e-6))
+        assert list(made.labels) == list(want.labels[rows])
+        assert {k.removeprefix("s3://faces/"): r for k, r in made.failed.items()} == {
+            **BAD, "nobody/missing.jpg": "missing"}
+    check = subprocess.run([sys.executable, "-m", "featurize", "verify", tmp_path / "local.h5",
+                            "--sample", "3"], env=_env(keras_home, **s3), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and "30 rows" in check.stdout, check.stdout + check.stderr
+    assert "max abs difference" in check.stdout and "missing" not in check.stdout
+
+
+# --- one-line errors ----------------------------------------------------------------------------
+
+def _without(module: str, *args) -> list[str]:
+    """`python -m featurize ARGS` in a process where `import MODULE` fails."""
+    code = ("import runpy, sys; sys.modules[%r] = None; sys.argv = ['featurize'] + sys.argv[1:]; "
+            "runpy.run_module('featurize', run_name='__main__')" % module)
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+def test_missing_ray_is_one_line_naming_the_extra(keras_home, tmp_path):
+    folder = make_folder(tmp_path / "imgs", per_class=1)
+    run = subprocess.run(_without("ray", folder, "--engine", "ray", "--out", tmp_path / "c.h5",
+                                  *TINY_CLI), env=_env(keras_home), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert "pip install 'featurize-embeddings[ray]'" in run.stderr
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_missing_s3fs_is_one_line_naming_the_package(keras_home, tmp_path):
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("s3://bucket/a.jpg\talice\n")
+    run = subprocess.run(_without("s3fs", manifest, "--out", tmp_path / "c.h5", *TINY_CLI),
+                         env=_env(keras_home), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "pip install s3fs" in run.stderr
