@@ -191,3 +191,14 @@ def one_line_error(code, err, *needles):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def unparseable_as(kind):
+    """A filter keeping the text that `kind` (int or float) cannot parse."""
+    def unparseable(text: str) -> bool:
+        try:
+            kind(text)
+            return False
+        except ValueError:
+            return True
+    return unparseable

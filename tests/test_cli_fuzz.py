@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import blobs, make_folder, synthetic_cache
+from conftest import blobs, make_folder, synthetic_cache, unparseable_as
 from classify.cli import main as classify_main
 from featurize.backbones import get_backbone
 from featurize.cli import main as featurize_main
@@ -22,18 +22,6 @@ FUZZ = settings(max_examples=100, deadline=None,
 # What a shell can pass in argv: no NUL, no lone surrogates; control characters are rare
 # enough in real use to leave out.
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=24)
-
-
-def unparseable_as(kind):
-    """A filter keeping the text that `kind` (int or float) cannot parse."""
-    def unparseable(text: str) -> bool:
-        try:
-            kind(text)
-            return False
-        except ValueError:
-            return True
-    return unparseable
-
 
 not_int, not_float = unparseable_as(int), unparseable_as(float)
 

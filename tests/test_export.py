@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import blobs, one_line_error, synthetic_cache
+from conftest import blobs, one_line_error, synthetic_cache, unparseable_as
 from featurize import cache, export as export_module
 from featurize.cli import main as featurize_main
 from featurize.errors import UserError
@@ -273,17 +273,9 @@ def test_a_cache_featurize_grew_in_two_runs_exports_whole(tmp_path):
     assert meta["dataset_root"] == str(folder) and meta["settings"] == c.attrs["settings"]
 
 
-def _not_int(text: str) -> bool:
-    try:
-        int(text)
-        return False
-    except ValueError:
-        return True
-
-
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=24)
 BAD = {"--format": TEXT.filter(lambda t: t not in export_module.FORMATS),
-       "--rows-per-file": st.one_of(st.integers(max_value=0).map(str), TEXT.filter(_not_int))}
+       "--rows-per-file": st.one_of(st.integers(max_value=0).map(str), TEXT.filter(unparseable_as(int)))}
 
 
 @settings(max_examples=60, deadline=None,
