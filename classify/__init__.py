@@ -3,7 +3,8 @@
 The Python API (see classify.api): `classify.train(cache, head, params, save_to=None) -> Run`,
 `Run.predict`, `Run.predict_proba`, `Run.save`, `Run.load`, `classify.verify(...) ->
 Verification`, `classify.finetune(run) -> Run`, `classify.predict(images, run)` (the
-command line's top-k dicts), and the options dataclasses `TrainOptions` and
+command line's top-k dicts), `classify.search(images_or_X, cache, k)` and `Gallery` (gallery
+search), and the options dataclasses `TrainOptions` and
 `FinetuneOptions`. They are imported on first use: `import classify` loads neither
 scikit-learn nor Keras.
 """
@@ -13,7 +14,7 @@ import sys
 import types
 
 _API = ("train", "predict", "verify", "finetune", "Run", "Verification", "TrainOptions",
-        "FinetuneOptions", "runs_table")
+        "FinetuneOptions", "runs_table", "search", "Gallery", "SearchOptions")
 __all__ = list(_API)
 
 

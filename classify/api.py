@@ -8,6 +8,8 @@
     same = classify.Run.load("runs/logreg-c10")
     tuned = classify.finetune(same, epochs=3)          # a Run too; nothing written unless saved
     v = classify.verify("data/cache/lfw.h5", "data/lfw/pairsDevTest.txt")
+    hits = classify.search(["photo.jpg"], "data/cache/lfw.h5", k=10)   # gallery search
+    gallery = classify.Gallery("data/cache/lfw.h5")    # reused: rows, distances = gallery.nearest(X)
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from dataclasses import dataclass, field
 from .options import DEFAULT_HEAD, FinetuneOptions, TrainOptions
 from .runs import Run
 from .runs import table as runs_table  # noqa: F401 - `python -m classify runs`
+from .search import Gallery, SearchOptions
 
 __all__ = ["train", "predict", "verify", "finetune", "Run", "Verification", "TrainOptions",
-           "FinetuneOptions"]
+           "FinetuneOptions", "search", "Gallery", "SearchOptions"]
 
 
 def train(cache=None, head: str = DEFAULT_HEAD, params=None, *, save_to=None,
@@ -27,8 +30,11 @@ def train(cache=None, head: str = DEFAULT_HEAD, params=None, *, save_to=None,
     """Train and evaluate a head on a cache (a path, a `featurize.cache.Cache`, or None for
     the newest under data/cache/): a Run. `params` is a dict of the head's hyper-parameters,
     checked by scikit-learn's own validation; `settings` are the other TrainOptions fields
-    (min_per_class, max_per_class, test_size, cv, seed, normalize, standardize, pca), or pass
-    `options` whole. Nothing is written unless `save_to` names a new run folder."""
+    (min_per_class, max_per_class, test_size, cv, seed, normalize, standardize, pca,
+    open_set, unknown_fraction, max_unknown, target_far), or pass `options` whole. With
+    open_set=True whole people are held out as unknowns: `metrics["open_set"]` has DIR/FAR,
+    and the Run's `predict` answers "unknown" below its `threshold` (classify/openset.py).
+    Nothing is written unless `save_to` names a new run folder."""
     if options is None:
         options = TrainOptions(head, params if params is not None else {}, **settings)
     elif settings or params is not None or head != DEFAULT_HEAD:
@@ -53,6 +59,19 @@ def finetune(run, *, save_to=None, options: FinetuneOptions | None = None, log=p
         run = Run.load(run)
     from .finetune import finetune_run
     return finetune_run(run, options, save_to, log)
+
+
+def search(queries, cache, k: int = 10, **settings) -> list[dict]:
+    """The k gallery rows of a cache (its path, or a `featurize.cache.Cache` read from it)
+    nearest to each query by cosine distance: image files and folders (embedded exactly as
+    the cache's images were) or an (N, D) array of embeddings. One dict per query: `query`
+    and `neighbours` (`row`, `path`, `label`, `distance`), or an `error` for an image that
+    cannot be used. `settings`: the other SearchOptions fields (method "auto", "exact" or
+    "approximate"; exact_max_rows, above which "auto" uses the approximate index stored
+    beside the cache; nprobe, its lists scanned per query; batch_size, workers). To search
+    one gallery many times, keep a `Gallery(cache, k=...)` and call its `search` (or
+    `nearest(X)` for arrays)."""
+    return Gallery(cache, SearchOptions(k=k, **settings)).search(queries)
 
 
 def predict(inputs, run, top_k: int = 5, batch_size: int = 32, workers=None) -> list[dict]:
@@ -84,6 +103,7 @@ class Verification:
     threshold: float | None = None
     accuracy_all: float | None = None
     roc_png: str | None = None
+    out: str | None = None
     record: dict = field(default_factory=dict, repr=False, compare=False)
 
     def as_dict(self) -> dict:
@@ -92,16 +112,17 @@ class Verification:
 
 
 def verify(cache=None, pairs=None, train_pairs=None, metric: str = "cosine",
-           skip_missing: bool = False, roc=None) -> Verification:
+           skip_missing: bool = False, roc=None, out=None) -> Verification:
     """Verification on LFW pair files (View 2 pairs.txt: the 10-fold protocol; View 1
     pairsDevTest.txt with train_pairs=pairsDevTrain.txt: the threshold from the latter).
-    `cache` as for `train`; `roc` a picture file to draw the ROC curve into."""
+    `cache` as for `train`; `roc` a picture file to draw the ROC and DET curves into; `out`
+    a new folder for verification.json, roc.png and report.html (nothing written without)."""
     from featurize.errors import UserError
 
     from .verify import verify as verify_pairs
     if pairs is None:
         raise UserError("verify needs a pairs file (--pairs): LFW's pairs.txt or "
                         "pairsDevTest.txt.")
-    d = verify_pairs(cache, pairs, train_pairs, metric, skip_missing, roc)
+    d = verify_pairs(cache, pairs, train_pairs, metric, skip_missing, roc, out)
     known = Verification.__dataclass_fields__
     return Verification(**{k: v for k, v in d.items() if k in known}, record=d)

@@ -36,12 +36,13 @@ def find_cache(path=None):
 
 
 def select(c, min_per_class: int = 1, max_per_class: int | None = None, min_needed: int = 2,
-           cv: int | None = None) -> Selection:
+           cv: int | None = None, exclude=()) -> Selection:
     """Labelled rows of classes with at least `min_per_class` images (as scikit-learn's
     fetch_lfw_people(min_faces_per_person=...)), at most `max_per_class` each (first by path).
 
     `min_needed` is what the evaluation needs per class (2 for a held-out split, K for
     K-fold: pass `cv` to name it in messages); classes below it are dropped with a note.
+    `exclude`: class indices left out whatever their size (open-set unknowns).
     """
     if not c.labelled:
         raise UserError(f"cache {c.path} has no labels (it was made from a flat folder or an "
@@ -50,6 +51,7 @@ def select(c, min_per_class: int = 1, max_per_class: int | None = None, min_need
     labelled = np.flatnonzero(c.labels >= 0)
     counts = np.bincount(c.labels[labelled], minlength=len(c.classes))
     wanted = counts >= max(min_per_class, 1)
+    wanted[np.asarray(exclude, dtype=np.int64)] = False
     keep = wanted & (counts >= min_needed)
     notes = []
     short = int((wanted & ~keep).sum())
@@ -68,6 +70,51 @@ def select(c, min_per_class: int = 1, max_per_class: int | None = None, min_need
     remap[kept] = np.arange(len(kept))
     return Selection(c.embeddings[rows], remap[c.labels[rows]], [c.paths[i] for i in rows],
                      [c.classes[i] for i in kept], notes)
+
+
+@dataclass
+class Unknowns:
+    """The unknown probes of an open-set run: images of people never trained on; and the
+    background: the other people left out of training (none of them among the probes),
+    which the rejection threshold may be learnt from (`background_people`: a label each)."""
+    X: np.ndarray
+    paths: list[str]
+    n_identities: int
+    background: np.ndarray
+    background_people: np.ndarray
+
+
+def open_set_selection(c, o) -> tuple[Selection, Unknowns]:
+    """The known people (as `select`, for a held-out split) and the unknown probes of
+    `--open-set` (`o`: TrainOptions). The unknowns are the labelled people that the
+    selection leaves out (fewer images than --min-per-class, or than the split needs);
+    when it leaves out no one, a seeded `unknown_fraction` of the people. Their rows, person
+    after person in a seeded order, are cut at `max_unknown` images; the people after the
+    cut are the background."""
+    if not c.labelled:
+        select(c)  # raises its one-line message for an unlabelled cache
+    counts = np.bincount(c.labels[c.labels >= 0], minlength=len(c.classes))
+    rng = np.random.default_rng(o.seed)
+    pool = np.flatnonzero((counts > 0) & (counts < max(o.min_per_class, 2)))
+    if len(pool) == 0:  # --min-per-class excludes no one: hold out a share of the people
+        people = np.flatnonzero(counts > 0)
+        n_out = max(1, round(o.unknown_fraction * len(people)))
+        if len(people) - n_out < 2:
+            raise UserError(f"--open-set needs at least 3 people in {c.path} (2 known and 1 "
+                            f"unknown), and --unknown-fraction {o.unknown_fraction} of its "
+                            f"{len(people)} leaves {len(people) - n_out} known; lower "
+                            "--unknown-fraction or add people.")
+        pool = np.sort(rng.choice(people, n_out, replace=False))
+    sel = select(c, o.min_per_class, o.max_per_class, exclude=pool)
+    by_person = {int(k): np.flatnonzero(c.labels == k) for k in pool}
+    ordered = np.concatenate([by_person[int(k)] for k in rng.permutation(pool)])
+    rows = np.sort(ordered[:o.max_unknown])
+    probes = np.unique(c.labels[rows])
+    background = np.sort(ordered[~np.isin(c.labels[ordered], probes)])
+    sel.notes.append(f"open set: {len(probes)} people ({len(rows)} images) held out as "
+                     f"unknowns, {len(background)} images of other people as background")
+    return sel, Unknowns(c.embeddings[rows], [c.paths[i] for i in rows], len(probes),
+                         c.embeddings[background], c.labels[background])
 
 
 def _too_few_classes(c, counts, n_kept, min_per_class, min_needed, need):

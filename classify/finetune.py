@@ -330,7 +330,7 @@ def finetune_run(run: Run, options: FinetuneOptions, save_to=None, log=print) ->
     params = {"unfreeze": o.unfreeze_blocks, "lr": o.lr, "epochs": o.epochs,
               "epochs_run": trained["epochs_run"], "batch_size": o.batch_size,
               "augment": o.augment, "val_fraction": o.val_fraction, "seed": o.seed}
-    tuned = _new_run(run, (model, base, settings), (d["test_y"], after_scores),
+    tuned = _new_run(run, (model, base, settings), (d["test_y"], after_scores, before_scores),
                      {**trained, "params": params, "metrics": after, "metrics_before": before})
     if save_to is not None:
         tuned.save(save_to)
@@ -408,7 +408,7 @@ def _new_run(run: Run, built, test, facts) -> Run:
     record = {**run.record, "head": "finetune", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "finetuned_from": str(run.path.resolve()) if run.path else None,
               "score_kind": "probability", **facts}
-    test_y, after_scores = test
+    test_y, after_scores = test[:2]
     text = report.class_report(test_y, after_scores.argmax(1), record["classes"])
     write = functools.partial(_write, built=built, split=run.split, test=test, record=record,
                               text=text)
@@ -422,9 +422,8 @@ def _write(writer: runs.RunWriter, built, split, test, record, text) -> None:
     settings.spec.family.save_finetuned_base(base, writer.path)
     writer.json("split.json", split)
     writer.text("report.txt", text)
-    test_y, after_scores = test
-    report.confusion_png(test_y, after_scores.argmax(1), record["classes"],
-                         writer.path("confusion.png"))
+    from .html import write_finetune_report  # before and after; never fails the run
+    write_finetune_report(writer, record, split, test)
     writer.json("run.json", record)
     writer.json("metrics.json", {"before": record["metrics_before"], "after": record["metrics"]})
 

@@ -55,6 +55,11 @@ class TrainOptions:
     normalize: bool | None = None
     standardize: bool = False
     pca: int | None = None
+    # Open-set identification (classify/openset.py): whole people held out as unknowns.
+    open_set: bool = False
+    unknown_fraction: float = 0.25  # of the people, when --min-per-class excludes no one
+    max_unknown: int = 2000  # unknown probe images at most
+    target_far: float = 0.01  # the false-alarm rate the learnt threshold aims at
 
     def __post_init__(self):
         from . import heads  # scikit-learn: only once options are really made
@@ -69,6 +74,17 @@ class TrainOptions:
         self._check_selection()
         _check_flag("--normalize", self.normalize, allow_none=True)
         _check_flag("--standardize", self.standardize)
+        self._check_open_set()
+
+    def _check_open_set(self) -> None:
+        _check_flag("--open-set", self.open_set)
+        check_fraction("--unknown-fraction", self.unknown_fraction)
+        check_range("--max-unknown", self.max_unknown, 1)
+        check_fraction("--target-far", self.target_far)
+        if self.open_set and self.cv is not None:
+            raise UserError(f"--open-set evaluates on one held-out split of the known people "
+                            f"and cannot be combined with --cv {self.cv}; drop --cv (or "
+                            "--open-set).")
 
     def _check_selection(self) -> None:
         """The selection, split and feature options, before anything is read or computed."""

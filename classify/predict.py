@@ -11,16 +11,19 @@ from featurize.extractor import EmbeddingSettings, Extractor, KerasExtractor, ex
 from featurize.images import collect
 from featurize.pipeline import batches
 
-from . import heads, runs
+from . import heads, openset, runs
 
 
 def predict(inputs, run, top_k: int = 5, batch_size: int = 32, workers=None) -> list[dict]:
     """One result per image: top-k classes with probabilities (or distances), or an error.
-    `top_k` above the number of classes gives them all. `run`: a run folder or a Run."""
+    `top_k` above the number of classes gives them all. `run`: a run folder or a Run.
+    An --open-set run adds each image's `score` and the run's `threshold`; below it the
+    `prediction` is "unknown" (`top` still lists the nearest classes)."""
     check_range("--top-k", top_k, 1)
     check_range("batch_size", batch_size, 1)
     check_range("workers", workers, 1)
-    record, model = (run.record, run.pipeline) if isinstance(run, runs.Run) else runs.load(run)
+    run = run if isinstance(run, runs.Run) else runs.Run.load(run)
+    record, model, rejector = run.record, run.pipeline, run.rejector
     items = collect(inputs)
     kind = record.get("score_kind", "probability")
     extractor = extractor_for_run(record, model)
@@ -44,8 +47,19 @@ def predict(inputs, run, top_k: int = 5, batch_size: int = 32, workers=None) -> 
         for item, row, ranks in zip(batch.items, scores, order):
             top = [{"class": classes[j], kind: float(row[j])} for j in ranks[:top_k]]
             results.append({"path": item.key, "prediction": top[0]["class"], "top": top})
+        if rejector is not None:
+            _reject(results[-len(batch.items):], rejector, batch.embeddings)
     position = {it.key: n for n, it in enumerate(items)}
     return sorted(results, key=lambda r: position[r["path"]])
+
+
+def _reject(results: list[dict], rejector, embeddings) -> None:
+    """An open-set run's verdict on a batch's results (in place): score, threshold, and
+    "unknown" below it."""
+    for result, score in zip(results, rejector.scores(embeddings)):
+        result.update(score=float(score), threshold=rejector.threshold)
+        if score < rejector.threshold:
+            result["prediction"] = openset.UNKNOWN
 
 
 def extractor_for_run(record: dict, model) -> Extractor:

@@ -5,9 +5,13 @@
         split.json     the train/test paths (identical for every head on the same cache)
         metrics.json   the metrics alone
         report.txt     scikit-learn's per-class report
-        confusion.png  confusion matrix (up to 50 classes)
+        report.html    the run at a glance: settings, metrics, pictures, misclassified images
+        confusion.png  row-normalised confusion matrix with counts (up to 30 classes; above:
+                       confused_pairs.png, the most confused pairs)
+        f1.png         per-class F1 bars
         head.joblib    the fitted Pipeline (features + head)
         head.keras     the dense head's Keras model, for use outside this tool
+        open_set.npz   an --open-set run's known centroids and threshold (classify/openset.py)
 
 A run folder is written under a temporary name and renamed when complete.
 """
@@ -202,8 +206,9 @@ class Run:
     """
 
     def __init__(self, record: dict, pipeline, path=None, *, write=None, split=None,
-                 warnings=(), report_text: str = ""):
+                 warnings=(), report_text: str = "", rejector=None):
         self.record, self.pipeline = record, pipeline
+        self.rejector = rejector  # an --open-set run's classify.openset.Rejector, else None
         self.path = Path(path) if path is not None else None
         self.warnings = list(warnings)  # for stderr: the run may mislead
         self.report_text = report_text
@@ -290,11 +295,14 @@ class Run:
         record, pipeline = load(directory)
         report = Path(directory) / "report.txt"
         text = report.read_text() if report.is_file() else ""
-        return cls(record, pipeline, directory, report_text=text)
+        from .openset import load as load_rejector
+        return cls(record, pipeline, directory, report_text=text,
+                   rejector=load_rejector(directory, record))
 
     def predict_proba(self, paths_or_X) -> np.ndarray:
         """(N, C) scores, columns in `classes` order: probabilities for every head that has
-        them (ridge: its decision values)."""
+        them (ridge: its decision values). Closed-set: an --open-set run's unknowns are
+        told by `open_set_score` below `threshold` (what `predict` does)."""
         from . import heads
         X = self._embeddings(paths_or_X)
         if self.head == "finetune":
@@ -304,11 +312,28 @@ class Run:
         return scores[:, order]
 
     def predict(self, paths_or_X) -> list[str]:
-        """The predicted class name of each row or image."""
+        """The predicted class name of each row or image; for an --open-set run, "unknown"
+        where `open_set_score` is below `threshold` (as `python -m classify predict`)."""
         X = self._embeddings(paths_or_X)
         if self.head == "finetune":
             return [self.classes[j] for j in X.argmax(axis=1)]
-        return [self.classes[int(k)] for k in self.pipeline.predict(X)]
+        names = [self.classes[int(k)] for k in self.pipeline.predict(X)]
+        if self.rejector is None:
+            return names
+        from .openset import UNKNOWN
+        return [n if known else UNKNOWN for n, known in zip(names, self.rejector.known(X))]
+
+    @property
+    def threshold(self) -> float | None:
+        """An --open-set run's rejection threshold on `open_set_score`, else None."""
+        return None if self.rejector is None else self.rejector.threshold
+
+    def open_set_score(self, paths_or_X) -> np.ndarray:
+        """(N,) an --open-set run's score of each row or image: the cosine similarity to
+        the nearest known person's centroid (classify/openset.py)."""
+        if self.rejector is None:
+            raise UserError("this run has no open-set rejection; train it with --open-set.")
+        return self.rejector.scores(self._embeddings(paths_or_X))
 
     def _embeddings(self, paths_or_X) -> np.ndarray:
         """Embeddings given as an array, or of images (a fine-tuned run: its probabilities)."""

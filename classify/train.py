@@ -14,7 +14,7 @@ from joblib import parallel_config
 from featurize import cache as cache_io
 from featurize.errors import UserError
 
-from . import data, heads, report, runs
+from . import data, heads, openset, report, runs
 from .options import DEFAULT_HEAD, TrainOptions
 from .runs import Run
 
@@ -51,7 +51,11 @@ def fit_run(cache, options: TrainOptions, save_to=None) -> Run:
     if save_to is not None:
         runs.check_destination(Path(save_to))
     c, path = read_cache(cache)
-    sel = data.select(c, o.min_per_class, o.max_per_class, min_needed=o.cv or 2, cv=o.cv)
+    if o.open_set:  # whole people held out as unknowns (classify/openset.py)
+        sel, unknowns = data.open_set_selection(c, o)
+    else:
+        sel, unknowns = data.select(c, o.min_per_class, o.max_per_class, min_needed=o.cv or 2,
+                                    cv=o.cv), None
     warnings = [w for w in [incomplete_warning(c)] if w]
     normalize = data.default_normalize(c.attrs.get("backbone", "")) if o.normalize is None \
         else o.normalize
@@ -63,14 +67,23 @@ def fit_run(cache, options: TrainOptions, save_to=None) -> Run:
     model, fitted = _evaluate(fresh, sel, folds, o.head, o.params)
     if o.cv:  # the saved head is fitted on all selected images; folds only measured it
         model = _fit(fresh(), sel.X, sel.y, o.head, o.params)
+    rejector = None
+    if unknowns is not None:  # its threshold from the training rows, judged on unseen people
+        rejector, fitted["metrics"]["open_set"] = openset.evaluate(model, sel, folds[0],
+                                                                   unknowns, o.target_far)
     record = _record(o, normalize, (path, c.attrs), sel, fitted, warnings)
     split = {"seed": o.seed, "test_size": None if o.cv else o.test_size, "cv": o.cv,
              "folds": [{"train": [sel.paths[i] for i in tr], "test": [sel.paths[i] for i in te]}
                        for tr, te in folds]}
+    if rejector is not None:
+        record["open_set"] = {**rejector.summary(), "unknown_fraction": o.unknown_fraction,
+                              "max_unknown": o.max_unknown}
+        split["unknown"] = unknowns.paths
     text = report.class_report(fitted["y_true"], fitted["y_pred"], sel.classes)
     write = functools.partial(_write_run, record=record, split=split, text=text, model=model,
-                              fitted=fitted)
-    run = Run(record, model, write=write, split=split, warnings=warnings, report_text=text)
+                              fitted=fitted, rejector=rejector)
+    run = Run(record, model, write=write, split=split, warnings=warnings, report_text=text,
+              rejector=rejector)
     if save_to is not None:
         run.save(save_to)
     return run
@@ -121,6 +134,7 @@ def _fit(model, X, y, head: str, params: dict):
 def _evaluate(fresh, sel, folds, head: str, params: dict):
     """Fit and score a fresh pipeline per fold: (the last model, the figures)."""
     fold_metrics, train_s, predict_s, y_true, y_pred, model = [], 0.0, 0.0, [], [], None
+    test_scores = []  # for the report's gallery: the worst errors first
     for train_idx, test_idx in folds:
         t0 = time.perf_counter()
         model = _fit(fresh(), sel.X[train_idx], sel.y[train_idx], head, params)
@@ -132,18 +146,22 @@ def _evaluate(fresh, sel, folds, head: str, params: dict):
         fold_metrics.append(report.evaluate(sel.y[test_idx], pred, scores, len(sel.classes)))
         y_true.append(sel.y[test_idx])
         y_pred.append(pred)
+        test_scores.append(scores)
     metrics = fold_metrics[0] if len(folds) == 1 else report.summarize_folds(fold_metrics)
     return model, {"metrics": metrics, "folds": fold_metrics, "train_s": train_s / len(folds),
                    "predict_s": predict_s / len(folds), "y_true": np.concatenate(y_true),
-                   "y_pred": np.concatenate(y_pred)}
+                   "y_pred": np.concatenate(y_pred), "scores": np.concatenate(test_scores)}
 
 
-def _write_run(writer: runs.RunWriter, record, split, text, model, fitted) -> None:
+def _write_run(writer: runs.RunWriter, record, split, text, model, fitted,
+               rejector=None) -> None:
     """A trained run's files (Run.save commits or aborts the writer)."""
-    record["confusion_png"] = report.confusion_png(
-        fitted["y_true"], fitted["y_pred"], record["classes"], writer.path("confusion.png"))
+    from .html import write_run_report  # the pictures and report.html; never fails the run
+    write_run_report(writer, record, split, fitted)
     writer.json("run.json", record)
     writer.json("metrics.json", record["metrics"])
     writer.json("split.json", split)
     writer.text("report.txt", text)
     writer.model(model)
+    if rejector is not None:
+        rejector.save(writer.path(openset.FILE))

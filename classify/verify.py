@@ -12,7 +12,6 @@ threshold comes from that file. A single View 1 file alone is cut into 10 folds.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,25 +147,52 @@ def evaluate(d, pairs: list[Pair], train=None) -> dict:
     return out
 
 
-def roc_png(d, same, path, label="") -> None:
-    """The ROC curve picture, written beside `path` and renamed: a failure leaves no file."""
-    from matplotlib.figure import Figure  # no pyplot: the process's backend is not ours
-    from sklearn.metrics import RocCurveDisplay
-    path = Path(path)
-    fig = Figure(figsize=(5, 5))
-    ax = fig.subplots()
-    RocCurveDisplay.from_predictions(same, -d, ax=ax, name=label or "pairs")
-    ax.set_title("LFW verification ROC")
+def curves_figure(d, same, threshold: float, label: str = ""):
+    """ROC and DET curves on a log-scale false-positive axis, the threshold's operating point
+    marked, the ROC AUC to 4 decimals: a matplotlib Figure (no pyplot)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+    same = np.asarray(same, dtype=bool)
+    fpr, tpr, _ = roc_curve(same, -d)
+    auc = roc_auc_score(same, -d)
+    floor = 0.5 / max(int((~same).sum()), 1)  # below one false accept: the log axis's end
+    op_fpr, op_tpr = float((d[~same] <= threshold).mean()), float((d[same] <= threshold).mean())
+    fig = Figure(figsize=(10, 4.6))
+    roc, det = fig.subplots(1, 2)
+    roc.plot(np.maximum(fpr, floor), tpr, color="#1f77b4",
+             label=f"{label or 'pairs'} (AUC {auc:.4f})")
+    det.plot(np.maximum(fpr, floor), np.maximum(1 - tpr, floor), color="#1f77b4")
+    mark = f"threshold {threshold:.4f}: FPR {op_fpr:.4f}, TPR {op_tpr:.4f}"
+    roc.plot(max(op_fpr, floor), op_tpr, "o", color="#d62728", label=mark)
+    det.plot(max(op_fpr, floor), max(1 - op_tpr, floor), "o", color="#d62728", label=mark)
+    for ax in (roc, det):
+        ax.set_xscale("log")
+        ax.set_xlim(floor * 0.8, 1.02)
+        ax.set_xlabel("false positive rate (mismatched pairs accepted, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+    roc.set_ylim(0, 1.01)
+    roc.set_ylabel("true positive rate (matched pairs accepted)")
+    roc.set_title(f"ROC, AUC {auc:.4f}", fontsize=10)
+    roc.legend(loc="lower right", fontsize=8)
+    det.set_yscale("log")
+    det.set_ylim(floor * 0.8, 1.02)
+    det.set_ylabel("false negative rate (matched pairs rejected, log scale)")
+    det.set_title("DET", fontsize=10)
+    det.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=100, format=path.suffix[1:].lower())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write --roc {path} ({e.strerror or e}); choose a writable "
-                        "file.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    return fig
+
+
+def roc_png(d, same, path, label="", threshold=None) -> None:
+    """The ROC + DET picture, written beside `path` and renamed: a failure leaves no file.
+    `threshold`: the operating point to mark (default: the best on these pairs)."""
+    path = Path(path)
+    if threshold is None:
+        threshold = best_threshold(d, np.asarray(same))
+    fig = curves_figure(d, same, threshold, label)
+    from .html import write_atomic
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix[1:].lower()),
+                 "--roc")
 
 
 def check_roc_path(roc_path) -> None:
@@ -203,13 +229,17 @@ def check_pairs(pairs: list[Pair], where, protocol: bool) -> np.ndarray:
 
 
 def verify(cache_path, pairs_file, train_pairs=None, metric="cosine", skip_missing=False,
-           roc_path=None) -> dict:
+           roc_path=None, out=None) -> dict:
     """The protocol's figures as a JSON-ready dict (`classify.verify` wraps them in a
-    Verification). `cache_path`: a cache file, a Cache already read, or None (the newest)."""
+    Verification). `cache_path`: a cache file, a Cache already read, or None (the newest).
+    `out`: a new folder for verification.json, roc.png (ROC + DET) and report.html."""
+    from . import runs
     from .train import read_cache
     if metric not in ("cosine", "euclidean"):
         raise UserError(f"--metric must be cosine or euclidean, not {metric!r}.")
     check_roc_path(roc_path)
+    if out is not None:
+        runs.check_destination(Path(out))
     c, cache_path = read_cache(cache_path)
     pairs = parse_pairs(pairs_file)
     train = None
@@ -221,7 +251,33 @@ def verify(cache_path, pairs_file, train_pairs=None, metric="cosine", skip_missi
     result = evaluate(d, kept, train)
     result.update(metric=metric, skipped=len(pairs) - len(kept), cache=str(cache_path),
                   pairs_file=str(pairs_file), train_pairs=str(train_pairs) if train_pairs else None)
-    if roc_path:  # last: a failed verification writes nothing
-        roc_png(d, same, roc_path, c.attrs.get("backbone", ""))
+    # Last: a failed verification writes nothing. The marked threshold: the one chosen on
+    # the training pairs, else the mean of the folds' own.
+    threshold = result.get("threshold", float(np.mean(result["thresholds"])))
+    if roc_path:
+        roc_png(d, same, roc_path, c.attrs.get("backbone", ""), threshold)
         result["roc_png"] = str(roc_path)
+    if out is not None:
+        result["out"] = str(write_folder(Path(out), result, (d, same, kept), threshold, c))
     return result
+
+
+def write_folder(out: Path, result: dict, pairs, threshold: float, c) -> Path:
+    """verification.json, roc.png and report.html in a new folder `out`, written under a
+    temporary name and renamed when complete."""
+    from . import html, runs
+    d, same, kept = pairs
+    writer = runs.RunWriter(out)
+    try:
+        roc_png(d, same, writer.path("roc.png"), c.attrs.get("backbone", ""), threshold)
+        try:
+            page = html.verify_page(result, d, kept, c.attrs.get("dataset_root", ""),
+                                    writer.path("roc.png"), threshold)
+            writer.text("report.html", page)
+        except Exception as e:  # noqa: BLE001 - the figures matter more than their page
+            result["notes"] = [f"report.html could not be written ({type(e).__name__}: {e})"]
+        writer.json("verification.json", result)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise

@@ -37,7 +37,8 @@ class Embedder:
     """A frozen backbone that embeds images in memory, exactly as `featurize` embeds files.
 
     The options are those of `EmbedderConfig` (crop=, flip=, precision=, jitter=, resize=,
-    source_size= as keywords); runtime= "keras", "onnx" or "openvino" runs the same model
+    source_size=, align= as keywords; align="dlib" cuts each face the way the backbone was
+    trained on, see featurize.align); runtime= "keras", "onnx" or "openvino" runs the same model
     (default None: the fastest faithful one installed, see featurize.runtimes). The weights
     are resolved when it is made; the model is built once, on first use. `embedder(images)`
     takes one image or a list of them: file paths (decoded like the cache's, bad files are a
@@ -97,7 +98,8 @@ class Embedder:
     def __call__(self, images, batch_size: int | None = None) -> np.ndarray:
         items = _as_list(images)
         extractor = self.extractor
-        if not self.settings.spec.family.thread_safe:
+        if not self.settings.spec.family.thread_safe or self.settings.align != "none":
+            # dlib (its descriptor, or --align's detector) is not thread-safe
             with _SERIAL:
                 return self._embed(items, extractor, batch_size)
         return self._embed(items, extractor, batch_size)

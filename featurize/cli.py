@@ -22,6 +22,7 @@ def _default(options, name: str):
 
 
 def _parser() -> ArgumentParser:
+    from .align import ALIGNS
     from .extractor import POOLS, PRECISIONS, RESIZES, EmbedderConfig as E
     from .run import ENGINES, RunOptions as R
     from .runtimes import RUNTIMES
@@ -31,8 +32,8 @@ def _parser() -> ArgumentParser:
                     "embeddings to HDF5. Re-running embeds only new or changed files.",
         epilog="Other commands: python -m featurize verify CACHE [--sample K] (check a "
                "cache), python -m featurize compact CACHE (merge small shards), python -m "
-               "featurize export CACHE --format parquet|npy OUT (for vector search); each has "
-               "--help.")
+               "featurize export CACHE --format parquet|npy OUT (for vector search), python -m "
+               "featurize map CACHE (a 2-D map of the embeddings); each has --help.")
     p.add_argument("source", nargs="?", help="folder of class folders, flat folder, or list file")
     p.add_argument("--backbone", default=_default(E, "backbone"), help="default: %(default)s")
     p.add_argument("--weights", default=_default(E, "weights"),
@@ -55,6 +56,11 @@ def _parser() -> ArgumentParser:
                         "else openvino, else onnx, whichever is installed")
     p.add_argument("--jitter", type=int, default=_default(E, "jitter"),
                    help="dlib-resnet: jittered descriptors")
+    p.add_argument("--align", choices=ALIGNS, default=_default(E, "align"),
+                   help="face models: 'dlib' finds the face (dlib's HOG detector, 5 landmarks) "
+                        "and cuts the crop the backbone was trained on (its preset: see "
+                        "--list-backbones); 'none' (the default) uses images as they are. Needs "
+                        "pip install -e '.[dlib]'")
     p.add_argument("--resize", choices=RESIZES, default=_default(E, "resize"),
                    help="where to crop and resize: cpu (Pillow) or device (in the model, on the "
                         "GPU; from the first image's size: for folders of one image size)")
@@ -96,11 +102,23 @@ def _verify_parser() -> ArgumentParser:
 
 
 def list_backbones() -> str:
-    rows = [f"{'name':<20} {'input':>5} {'dim':>5}  weights"]
+    rows = [f"{'name':<20} {'input':>5} {'dim':>5}  {'align':<6} weights"]
     for spec in BACKBONES.values():
         rows.append(f"{spec.name:<20} {spec.input_size:>5} {spec.embedding_dim:>5}  "
-                    f"{spec.weights_source}")
+                    f"{spec.align:<6} {spec.weights_source}")
+    rows.append("align: the --align preset recommended (dlib-resnet aligns its chip itself)")
     return "\n".join(rows)
+
+
+def faces_line(counts: dict) -> str:
+    """How this run's faces were found, e.g. "faces: 998 hog, 2 fixed-box (no face found:
+    the fixed central box was used)"."""
+    from .align import FACE_CODES, FACE_FIXED_BOX
+    parts = [f"{n} {FACE_CODES.get(code, 'unknown')}" for code, n in sorted(counts.items())]
+    line = "faces: " + ", ".join(parts)
+    if counts.get(FACE_FIXED_BOX):
+        line += " (no face found: the fixed central box was used)"
+    return line
 
 
 def main(argv=None) -> int:
@@ -173,7 +191,7 @@ def _stderr_silenced():
         os.close(devnull)
 
 
-SUBCOMMANDS = {"compact": "featurize.compact", "export": "featurize.export"}
+SUBCOMMANDS = {"compact": "featurize.compact", "export": "featurize.export", "map": "featurize.map"}
 
 
 def _main(argv) -> int:
@@ -202,7 +220,7 @@ def options_from(args):
     embedding = EmbedderConfig(
         backbone=args.backbone, weights=args.weights, layer=args.layer, pool=args.pool,
         input_size=args.input_size, crop=args.crop, flip=args.flip, precision=args.precision,
-        jitter=args.jitter, resize=args.resize)
+        jitter=args.jitter, resize=args.resize, align=args.align)
     run = RunOptions(batch_size=args.batch_size, workers=args.workers,
                      flush_rows=args.checkpoint_rows, check=args.check,
                      progress=not args.quiet, out=args.out, cache_dir=args.cache_dir,
@@ -220,6 +238,8 @@ def _featurize(args) -> int:
         print(f"warning: {key}: {reason}", file=sys.stderr)
     if len(s.failed) > 10:
         print(f"warning: ... and {len(s.failed) - 10} more failed images", file=sys.stderr)
+    if "face" in s.row_info:
+        print(faces_line(s.row_info["face"]))
     state = "interrupted, progress saved; run again to resume" if s.interrupted else "done"
     print(f"{state}: {s.total} images, {s.embedded} embedded, {s.reused} already cached, "
           f"{s.failed_total} failed ({s.seconds:.1f} s)")

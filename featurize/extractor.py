@@ -63,9 +63,13 @@ class EmbeddingSettings:
     precision: str
     jitter: int  # dlib only
     resize: str = RESIZE
+    align: str = "none"  # --align preset (featurize.align); "none" is left out of the key
 
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if fields["align"] == "none":  # caches made before --align existed keep their keys
+            del fields["align"]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def to_json(self) -> str:
@@ -81,7 +85,11 @@ class EmbeddingSettings:
 
     @property
     def model_input(self) -> ModelInput:
-        """What the CPU does to each image file before the model sees it."""
+        """What the CPU does to each image file before the model sees it: with --align, the
+        face crop of the backbone's protocol (featurize.align.AlignedInput)."""
+        if self.align != "none":
+            from .align import AlignedInput
+            return AlignedInput(self.input_size, self.spec.crop_protocol)
         source = None
         if self.resize.startswith("device-"):
             h, w = self.resize.rsplit("-", 1)[1].split("x")
@@ -110,9 +118,11 @@ class EmbedderConfig:
     jitter: int = 0
     resize: str = "cpu"
     source_size: tuple[int, int] | None = None
+    align: str | None = None  # "none" or "dlib" (featurize.align); None: "none"
 
     def __post_init__(self):
         spec = get_backbone(self.backbone)
+        _check_align(spec, self)
         _check_input_size(spec, self.input_size)
         check_range("--crop", self.crop, kind=float)
         if self.crop is not None and not 0 < self.crop <= 1:
@@ -149,7 +159,9 @@ class EmbedderConfig:
             input_size=self.input_size or spec.input_size, crop=float(self.crop or 0.0),
             flip=bool(self.flip), preprocessing=spec.preprocessing, precision=self.precision,
             jitter=int(self.jitter),
-            resize=DEVICE_RESIZE.format(*self.source_size) if self.source_size else RESIZE)
+            resize=DEVICE_RESIZE.format(*self.source_size) if self.source_size else RESIZE,
+            # dlib-resnet's own chip is its alignment: its settings stay those it always had
+            align=self.align if self.align and spec.crop_protocol else "none")
         return settings, w
 
 
@@ -170,6 +182,18 @@ def make_settings(backbone=DEFAULT_BACKBONE, weights="default", download=True,
     """Validate the options (the fields of `EmbedderConfig`) and resolve the weights; no
     Keras import."""
     return EmbedderConfig(backbone, weights, **options).settings(download=download)
+
+
+def _check_align(spec: Backbone, config: EmbedderConfig):
+    """--align: a known preset, for a face model, with options that leave the crop to it."""
+    from .align import check_align
+    if config.align is None or (config.align == "dlib" and spec.align == "dlib"
+                                and spec.crop_protocol is None):
+        return  # dlib-resnet: the preset is built in
+    check_align(config.align, spec)
+    if config.align != "none" and (config.crop or config.resize != "cpu" or config.source_size):
+        raise UserError(f"--align {config.align} cuts the face crop itself; drop --crop and "
+                        "--resize device.")
 
 
 def _check_input_size(spec: Backbone, input_size):

@@ -56,6 +56,28 @@ class Batch:
     items: list  # the items embedded, in order
     embeddings: np.ndarray  # (len(items), D)
     failed: list  # (item, reason)
+    # Row-info columns of the items (name -> (len(items),) int8), when the extractor's
+    # `prepare` declares some (`row_info`, with `with_info(path) -> (array, {name: code})`):
+    # e.g. how the face was found. None otherwise.
+    info: dict | None = None
+
+
+def prepare_with_info(prepare, path):
+    """prepare_image(), plus the row info when `prepare` gives some: ((array, info), reason)."""
+    with_info = getattr(prepare, "with_info", None)
+    if with_info is None:
+        array, reason = prepare_image(prepare, path)
+        return (array, None), reason
+    value, reason = prepare_image(with_info, path)
+    return (value if reason is None else (None, None)), reason
+
+
+def info_columns(prepare, infos: list) -> dict | None:
+    """The per-row info dicts of a batch's embedded rows as int8 columns."""
+    names = getattr(prepare, "row_info", None)
+    if not names:
+        return None
+    return {name: np.asarray([(i or {}).get(name, -1) for i in infos], np.int8) for name in names}
 
 
 def default_workers() -> int:
@@ -93,9 +115,16 @@ def _pool(workers: int, processes: bool) -> Executor:
 def _wants_processes(extractor: Extractor, workers: int, n_items: int) -> bool:
     """Processes for extractors that need them (dlib is neither thread-safe nor releases
     the GIL), or for many workers on more than a handful of images; else threads."""
-    if getattr(extractor, "parallel", "thread") == "process":
+    if _process_only(extractor):
         return True
     return workers >= PROCESS_MIN_WORKERS and n_items > CHUNK
+
+
+def _process_only(extractor: Extractor) -> bool:
+    """Whether `prepare` must not run in several threads of one process: dlib's descriptor,
+    or --align's dlib detector (featurize.align.AlignedInput), are not thread-safe."""
+    return "process" in (getattr(extractor, "parallel", "thread"),
+                         getattr(getattr(extractor, "prepare", None), "parallel", "thread"))
 
 
 def batches(items, extractor: Extractor, batch_size=32, workers=None, prefetch_batches=2):
@@ -105,7 +134,7 @@ def batches(items, extractor: Extractor, batch_size=32, workers=None, prefetch_b
     if processes and (why := _why_workers_would_fail()):
         warnings.warn_explicit(why[0], RuntimeWarning, *why[1:])
         processes = False
-        if getattr(extractor, "parallel", "thread") == "process":
+        if _process_only(extractor):
             workers = 1  # such an extractor (dlib) is not thread-safe
     remove_dead_segments()  # whatever a killed run left, whether this one shares memory or not
     pool = _pool(workers, processes)
@@ -260,12 +289,12 @@ def _fill(target, start, prepare, paths) -> list:
             shm = shared_memory.SharedMemory(name=name)
             _attached[name] = (shm, np.ndarray(shape, np.uint8, buffer=shm.buf))
         target = _attached[name][1]
-    reasons = []
+    out = []
     for row, path in enumerate(paths, start):
-        pixels, reason = prepare_image(prepare, path)
+        (pixels, info), reason = prepare_with_info(prepare, path)
         target[row] = pixels if reason is None else 0
-        reasons.append(reason)
-    return reasons
+        out.append((reason, info))
+    return out
 
 
 def _embed(extractor: Extractor, data):
@@ -297,21 +326,22 @@ def _array_batches(items, extractor: Extractor, batch_size, pool, prefetch):
     def start_embedding():
         while len(in_model) < depth and filling:
             k = min(filling)
-            reasons = [r for f in filling.pop(k) for r in f.result()]
+            results = [r for f in filling.pop(k) for r in f.result()]
+            reasons, infos = [r for r, _ in results], [i for _, i in results]
             if all(r is not None for r in reasons):  # every image failed: no model call
-                in_model.append((k, reasons, None))
+                in_model.append((k, reasons, infos, None))
                 continue
             buf = ring[k % slots]
             buf.array[len(reasons):] = 0  # the last batch's padding
             data = uploader.submit(extractor.to_device, buf.array) if overlap else buf.array
-            in_model.append((k, reasons, model.submit(_embed, extractor, data)))
+            in_model.append((k, reasons, infos, model.submit(_embed, extractor, data)))
 
     try:
         for k in range(slots):
             fill(k)
         start_embedding()
         while in_model:
-            k, reasons, future = in_model.popleft()
+            k, reasons, infos, future = in_model.popleft()
             emb = future.result() if future else None  # batch k is off its buffer: refill it
             if k + slots < len(groups):
                 fill(k + slots)
@@ -319,7 +349,8 @@ def _array_batches(items, extractor: Extractor, batch_size, pool, prefetch):
             group = groups[k]
             ok = [i for i, r in enumerate(reasons) if r is None]
             yield Batch([group[i] for i in ok], emb[ok] if ok else np.zeros((0, 0), np.float32),
-                        [(group[i], r) for i, r in enumerate(reasons) if r is not None])
+                        [(group[i], r) for i, r in enumerate(reasons) if r is not None],
+                        info_columns(extractor.prepare, [infos[i] for i in ok]))
     finally:
         for futures in filling.values():
             for f in futures:
@@ -341,25 +372,26 @@ def _object_batches(items, extractor: Extractor, batch_size, pool, prefetch_batc
 
     def fill():
         for item in pending:
-            window.append((item, pool.submit(prepare_image, extractor.prepare, item.path)))
+            window.append((item, pool.submit(prepare_with_info, extractor.prepare, item.path)))
             if len(window) >= limit:
                 return
 
     try:
         fill()
         while window:
-            ok, arrays, failed = [], [], []
+            ok, arrays, infos, failed = [], [], [], []
             while window and len(ok) + len(failed) < batch_size:
                 item, future = window.popleft()
-                array, reason = future.result()
+                (array, info), reason = future.result()
                 if reason is None:
                     ok.append(item)
                     arrays.append(array)
+                    infos.append(info)
                 else:
                     failed.append((item, reason))
             fill()  # keep the workers busy while the model runs
             emb = extractor.embed(np.stack(arrays)) if arrays else np.zeros((0, 0), np.float32)
-            yield Batch(ok, emb, failed)
+            yield Batch(ok, emb, failed, info_columns(extractor.prepare, infos))
     finally:
         for _, future in window:
             future.cancel()

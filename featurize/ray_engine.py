@@ -42,7 +42,8 @@ import numpy as np
 
 from . import cache
 from .errors import UserError
-from .images import Item, is_url, prepare_image
+from .images import Item, is_url
+from .pipeline import info_columns, prepare_with_info
 
 MAX_SHARD_ROWS = 256  # images per work shard: what a killed actor loses at most
 TRACE_ENV = "FEATURIZE_RAY_TRACE"
@@ -126,13 +127,14 @@ def decode_shard(row: dict, prepare) -> dict:
     image gives zeros and its reason)."""
     work = json.loads(row["work"])
     pixels = np.zeros((len(work), *prepare.shape), np.uint8)
-    reasons = []
+    reasons, infos = [], []
     for i, (_, path, *_rest) in enumerate(work):
-        array, reason = prepare_image(prepare, path)
+        (array, info), reason = prepare_with_info(prepare, path)
         if reason is None:
             pixels[i] = array
         reasons.append(reason)
-    return {**row, "pixels": pixels, "reasons": json.dumps(reasons)}
+        infos.append(info)
+    return {**row, "pixels": pixels, "reasons": json.dumps(reasons), "infos": json.dumps(infos)}
 
 
 class ShardEmbedder:
@@ -175,10 +177,10 @@ class ShardEmbedder:
     def _shard(self, row: dict) -> dict:
         work = json.loads(row["work"])
         if self.pixels_usable and "pixels" in row:
-            embeddings, reasons = self._embed_pixels(np.asarray(row["pixels"]),
-                                                     json.loads(row["reasons"]))
+            reasons, infos = json.loads(row["reasons"]), json.loads(row["infos"])
+            embeddings, _ = self._embed_pixels(np.asarray(row["pixels"]), reasons)
         else:
-            embeddings, reasons = self._embed_paths([w[1] for w in work])
+            embeddings, reasons, infos = self._embed_paths([w[1] for w in work])
         _trace(f"embed {row['name']} {len(work)} {os.getpid()}")
         ok = [i for i, r in enumerate(reasons) if r is None]
         failed = [(work[i][0], r, (work[i][2], work[i][3])) for i, r in enumerate(reasons)
@@ -187,7 +189,9 @@ class ShardEmbedder:
                                fingerprints=[(work[i][2], work[i][3]) for i in ok],
                                digests=[work[i][4] for i in ok],
                                embeddings=embeddings[ok].astype(np.float32, copy=False),
-                               failed=failed)
+                               failed=failed,
+                               info=info_columns(self.extractor.prepare,
+                                                 [infos[i] for i in ok]) or {})
         cache.write_shard(self.cache_path, row["name"], self.settings, rows)
         _trace_pause()
         return {"name": row["name"], "rows": len(work), "embedded": len(ok),
@@ -212,19 +216,21 @@ class ShardEmbedder:
     def _embed_paths(self, paths: list[str]):
         """Decode in the actor with the extractor's own `prepare` (dlib computes the whole
         descriptor there), then embed."""
-        prepared = [prepare_image(self.extractor.prepare, p) for p in paths]
+        prepared = [prepare_with_info(self.extractor.prepare, p) for p in paths]
+        arrays = [array for (array, _), _ in prepared]
+        infos = [info for (_, info), _ in prepared]  # row info (how the face was found)
         reasons = [reason for _, reason in prepared]
         if getattr(self.extractor, "input_shape", None) is not None:
             pixels = np.zeros((len(paths), *self.extractor.input_shape), np.uint8)
-            for i, (array, reason) in enumerate(prepared):
+            for i, (array, reason) in enumerate(zip(arrays, reasons)):
                 if reason is None:
                     pixels[i] = array
-            return self._embed_pixels(pixels, reasons)
+            return (*self._embed_pixels(pixels, reasons), infos)
         out = np.zeros((len(paths), self.extractor.dim), np.float32)
         ok = [i for i, r in enumerate(reasons) if r is None]
         if ok:
-            out[ok] = self.extractor.embed(np.stack([prepared[i][0] for i in ok]))
-        return out, reasons
+            out[ok] = self.extractor.embed(np.stack([arrays[i] for i in ok]))
+        return out, reasons, infos
 
 
 def _trace(line: str):

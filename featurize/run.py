@@ -31,6 +31,9 @@ class Summary:
     committed: bool = False  # False: nothing could be embedded yet, no cache file written
     seconds: float = 0.0
     notes: list = field(default_factory=list)  # what the listing skipped, and why
+    # This run's rows by row-info column and code, e.g. {"face": {0: 980, 3: 2}}: how the
+    # faces were found (featurize.align.FACE_CODES; 3: none found, the fixed box was used).
+    row_info: dict = field(default_factory=dict)
 
 
 def provenance(extractor: Extractor | None = None) -> dict:
@@ -205,7 +208,11 @@ def _embed(todo, extractor: Extractor, journal, summary, batch_size, workers, pr
     bar = progress_bar(len(todo), progress)
     size = batch_size or default_batch_size()
     for batch in (batches(todo, extractor, size, workers) if todo else ()):
-        journal.add(batch.items, batch.embeddings)
+        journal.add(batch.items, batch.embeddings, batch.info)
+        for name, codes in (batch.info or {}).items():
+            counts = summary.row_info.setdefault(name, {})
+            for code in codes.tolist():
+                counts[code] = counts.get(code, 0) + 1
         for item, reason in batch.failed:
             journal.fail(item, reason)
             summary.failed[item.key] = reason

@@ -223,8 +223,10 @@ def test_verify_returns_a_verification_equal_to_the_command_lines_json(tmp_path,
     assert v.pairs == 20 and v.skipped == 0 and v.threshold is None
     assert classify.verify(cache.read(c), tmp_path / "pairs.txt").accuracy == v.accuracy
     assert cli.main(["verify", "--pairs", str(tmp_path / "pairs.txt"), "--cache", str(c),
-                     "--roc", str(roc), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(v.as_dict()))
+                     "--roc", str(roc), "--json", "--out", str(tmp_path / "v")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed.pop("out") == str(tmp_path / "v")  # the CLI always writes a folder
+    assert printed == json.loads(json.dumps(v.as_dict()))
     with pytest.raises(UserError, match="--metric"):
         classify.verify(c, tmp_path / "pairs.txt", metric="hamming")
 

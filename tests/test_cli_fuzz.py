@@ -66,6 +66,7 @@ FEATURIZE_BAD = {
     "--precision": bad_choice("float32", "mixed", "int8"),
     "--runtime": bad_choice("keras", "onnx", "openvino"),
     "--engine": bad_choice("local", "ray"),
+    "--align": bad_choice("none", "dlib"),
     "--gpus-per-worker": st.one_of(st.floats(max_value=0, exclude_max=True).map(repr),
                                    st.floats(min_value=64, exclude_min=True).map(repr),
                                    st.just("nan"), TEXT.filter(not_float)),
@@ -143,6 +144,9 @@ TRAIN_BAD = {
     "--cv": bad_int(2, 30),
     "--seed": bad_int(0, 2**32 - 1),
     "--pca": bad_int(1, 32),
+    "--unknown-fraction": bad_fraction(),
+    "--target-far": bad_fraction(),
+    "--max-unknown": bad_int(1),
     "--param": st.one_of(
         TEXT.filter(lambda t: "=" not in t),
         # scikit-learn's limits: C > 0, tol >= 0, max_iter >= 0 (an int)

@@ -254,8 +254,12 @@ def test_verify_skip_missing_leaving_one_kind_in_a_fresh_process(pairs_world, tm
     assert not any(tmp_path.iterdir())  # no roc.png in the current folder
     proc = run_cli(["verify", "--pairs", pairs_world / "good.txt", "--cache", pairs_world / "c.h5"],
                    tmp_path)
-    assert proc.returncode == 0 and (tmp_path / "roc.png").stat().st_size > 0, proc.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]  # no temporary file left
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]  # #16: a run folder, no roc.png here
+    (folder,) = (tmp_path / "runs").iterdir()  # and no temporary file left
+    assert sorted(p.name for p in folder.iterdir()) == ["report.html", "roc.png",
+                                                         "verification.json"]
+    assert (folder / "roc.png").stat().st_size > 0
 
 
 def test_library_code_leaves_the_matplotlib_backend_alone(blob_world, pairs_world, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import make_folder, same, write_image
-from featurize import cache
+from featurize import cache, open_cache
 from featurize.run import featurize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +129,11 @@ def test_per_image_extractor_dlib_decodes_in_its_actors(ray_session, tmp_path):
     assert on_ray.embedded == local.embedded == 6 and on_ray.failed == local.failed
     _assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
     assert cache.read(tmp_path / "ray.h5").attrs["dlib_version"]
+    # how each face was found (the "face" row-info column) is written by the actors too
+    ray_faces, local_faces = (open_cache(tmp_path / f"{n}.h5").face_found for n in ("ray", "local"))
+    assert ray_faces is not None and len(ray_faces) == 6
+    np.testing.assert_array_equal(ray_faces, local_faces)
+    assert (local_faces == 3).all()  # flat-colour images: no face, the fixed box (code 3)
 
 
 def _trace_lines(path: Path, kind: str) -> list[list[str]]:

@@ -31,5 +31,7 @@ def test_the_python_api_example_of_the_readme_runs(tmp_path):
     assert lines[1] == "(12, 512) [0 0 0 0 1] ['alice', 'bob', 'carol']"
     assert any(line.startswith("logreg-c10 ") for line in lines)  # classify.runs_table
     assert "True" in lines  # featurize.verify_cache(...).ok
+    assert any(line.endswith("faces/alice/alice_0001.jpg") for line in lines)  # search: itself
+    assert any(line.startswith("{'0.1': ") for line in lines)  # the open-set run's dir_at_far
     assert lines[-1].startswith("bad --param for head logreg: The 'C' parameter")
     assert (tmp_path / "runs" / "logreg-c10" / "run.json").is_file()

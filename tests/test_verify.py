@@ -81,7 +81,7 @@ def test_verify_end_to_end_on_a_cache(tmp_path, capsys):
     c = synthetic_cache(tmp_path / "c.h5", np.array(X), np.array(y), names, paths=paths)
     pairs = write_view2(tmp_path / "pairs.txt")
     assert main(["verify", "--pairs", str(pairs), "--cache", str(c), "--roc",
-                 str(tmp_path / "roc.png")]) == 0
+                 str(tmp_path / "roc.png"), "--out", str(tmp_path / "v")]) == 0
     out = capsys.readouterr().out
     assert "accuracy 1.0000 ± 0.0000 over 10 folds" in out and (tmp_path / "roc.png").stat().st_size
     (tmp_path / "more.txt").write_text("1\nZed 1 2\nP0_0 1 Q0_0 1\n")

@@ -10,11 +10,16 @@ small index; the rows live in shard files in the folder beside it, `CACHE.h5.sha
     labels          (N,)   int32        index into `classes`, -1 when unlabelled (in the index:
     classes         (C,)   UTF-8        relabelling never touches a shard)
     failed/paths, failed/reasons, failed/sizes, failed/mtimes   images that could not be used
+    info/<name>     (N,)   int8         row-info columns the extractor declares, virtual too:
+                                        info/face, how the face was found (featurize.align:
+                                        0 HOG, 1 HOG upsampled, 2 CNN, 3 fixed box; -1 not
+                                        recorded). Absent in caches made before them.
     shards/names    (S,)   UTF-8        shard files, relative to the index's folder
     shards/runs     (K, 3) int64        (shard, start, stop): the rows of the cache in order
     shards/retired  (R,)   UTF-8        shards the previous index listed; deleted next commit
     attrs: schema_version, settings (JSON), settings_key, backbone, weights, weights_file,
            layer, pooling, input_size, crop, flip, preprocessing, precision, jitter, resize,
+           align,
            dataset_root, dataset_name, embedding_dim, keras_version, backend, updated,
            complete (False when the run that wrote it was interrupted), pending (images of
            the dataset neither embedded nor failed)

@@ -15,7 +15,7 @@ import os
 import shutil
 from operator import attrgetter
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import h5py
@@ -246,8 +246,11 @@ class State:
 
 
 def _settings_mismatch(path, attrs, settings) -> str:
-    diff = [f"{k}={attrs.get(k)!r} (asked {getattr(settings, k)!r})" for k in SETTINGS_ATTRS
-            if str(attrs.get(k)) != str(getattr(settings, k))]
+    # a setting added since the cache was made (e.g. align) had its default value then
+    defaults = {f.name: f.default for f in fields(settings)}
+    recorded = {k: attrs.get(k, defaults.get(k)) for k in SETTINGS_ATTRS}
+    diff = [f"{k}={recorded[k]!r} (asked {getattr(settings, k)!r})" for k in SETTINGS_ATTRS
+            if str(recorded[k]) != str(getattr(settings, k))]
     return (f"{path} holds embeddings made with other settings ({'; '.join(diff) or 'unknown'}); "
             "drop --out to get a file of its own, or choose another --out.")
 
@@ -364,6 +367,8 @@ def write_index(path: Path, state: State, keep: list[Entry], labelling, attrs: d
             g.create_dataset("runs", data=np.asarray(runs, np.int64).reshape(-1, 3))
             g.create_dataset("retired", data=retired, dtype=_STR)
             _views(f, [src.file_rows for src, _, _ in keep], names, runs, dim)
+            _info_views(f, [src.info_names for src, _, _ in keep], [src.file_rows for src, _, _
+                                                                     in keep], names, runs)
             numbers(f, "labels", labels, np.int32)
             f.create_dataset("classes", data=list(classes), dtype=_STR)
             write_failed(f, failed)
@@ -409,6 +414,23 @@ def _views(f, file_rows, names, runs, dim: int):
                 names[s], name, shape=source_shape)[start:stop]
             offset += stop - start
         f.create_virtual_dataset(name, layout, fillvalue=np.nan if name == "embeddings" else None)
+
+
+def _info_views(f, info_names, file_rows, names, runs):
+    """`info/<name>`: the row-info columns, virtual like `paths`; rows of shards without the
+    column (written before it existed) read as -1."""
+    n = sum(stop - start for _, start, stop in runs)
+    for column in sorted({c for shard in info_names for c in shard}):
+        if n == 0:
+            continue
+        layout = h5py.VirtualLayout(shape=(n,), dtype=np.int8)
+        offset = 0
+        for s, start, stop in runs:
+            if column in info_names[s]:
+                layout[offset:offset + stop - start] = h5py.VirtualSource(
+                    names[s], f"info/{column}", shape=(file_rows[s],))[start:stop]
+            offset += stop - start
+        f.require_group("info").create_virtual_dataset(column, layout, fillvalue=-1)
 
 
 def _remove_unused(path: Path, state: State, keep, journal: bool):

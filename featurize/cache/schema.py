@@ -22,7 +22,7 @@ SCHEMA_VERSION = 2  # what this version writes; it also reads 1
 READABLE = (1, 2)
 DEFAULT_DIR = Path("data/cache")
 SETTINGS_ATTRS = ("backbone", "weights", "weights_file", "layer", "pooling", "input_size", "crop",
-                  "flip", "preprocessing", "precision", "jitter", "resize")
+                  "flip", "preprocessing", "precision", "jitter", "resize", "align")
 REQUIRED = ("embeddings", "paths", "labels", "classes", "sizes", "mtimes", "failed/paths",
             "failed/reasons", "failed/sizes", "failed/mtimes")  # every reader relies on these
 INDEX_REQUIRED = ("shards/names", "shards/runs")  # schema 2: where the rows live
@@ -105,6 +105,15 @@ class Cache:
     sizes: np.ndarray | None = None
     mtimes: np.ndarray | None = None
     summary: object = None  # the featurize run's Summary, when featurize.embed_folder made it
+    # Row-info columns (name -> (N,) int8), {} for caches made before they existed: "face",
+    # how each row's face was found (featurize.align.FACE_CODES: 0 HOG, 1 HOG upsampled,
+    # 2 CNN, 3 none found: the fixed central box; -1 not recorded).
+    row_info: dict = field(default_factory=dict)
+
+    @property
+    def face_found(self) -> np.ndarray | None:
+        """How each row's face was found (codes above), or None if not recorded."""
+        return self.row_info.get("face")
 
     @property
     def X(self) -> np.ndarray:  # noqa: N802 - scikit-learn's name
@@ -276,6 +285,7 @@ class _Rows:
     sizes: np.ndarray
     mtimes: np.ndarray
     damaged: list[int]
+    info: dict = field(default_factory=dict)  # row-info columns, name -> (N,) int8
 
 
 def shard_table(f) -> tuple[list[str], np.ndarray]:
@@ -302,6 +312,10 @@ def _read_shards(f, path: Path) -> _Rows:
                 bad = read_range(h[name], start, stop, out, offset)
                 rows.damaged.extend(offset + r - start for r in bad)
             rows.paths.extend(_strings(h["paths"], start, stop))
+            for column in h["info"] if "info" in h else ():
+                if column not in rows.info:  # rows of shards without it: -1, not recorded
+                    rows.info[column] = np.full(n, -1, np.int8)
+                rows.info[column][offset:offset + stop - start] = h["info"][column][start:stop]
             offset += stop - start
     finally:
         for h in handles.values():
@@ -362,7 +376,7 @@ def read(path, option: str = "--cache", strict: bool = True) -> Cache:
         raise UserError(f"cache {path} has {bad} rows with NaN or Inf; check it with "
                         f"python -m featurize verify {path}, then re-run featurize.")
     return Cache(Path(path), emb, paths, labels, classes, attrs, failed, damaged, rows.sizes,
-                 rows.mtimes)
+                 rows.mtimes, row_info=rows.info)
 
 
 def _nonfinite_rows(emb: np.ndarray) -> int:

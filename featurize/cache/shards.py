@@ -1,8 +1,9 @@
 """Shard files: immutable HDF5 files of embedded rows, each written once and renamed into place.
 
-A shard holds `embeddings` (n, D), `paths`, `sizes`, `mtimes`, `digests` (rows sorted by path)
-and `failed/*` (images that could not be used), with attrs `settings_key` and `seq` (when it
-was written, in ns: later shards win over earlier ones for the same path). A run journals its
+A shard holds `embeddings` (n, D), `paths`, `sizes`, `mtimes`, `digests` (rows sorted by path),
+`info/<name>` (row-info columns, when the extractor declares some) and `failed/*` (images
+that could not be used), with attrs `settings_key` and `seq` (when it was written, in ns:
+later shards win over earlier ones for the same path). A run journals its
 progress as shards; Ray workers write theirs directly. The index (index.py) lists the live rows
 of each shard; a complete shard it does not list yet is progress to fold in at the next commit.
 """
@@ -39,6 +40,9 @@ class ShardRows:
     digests: list[str] = field(default_factory=list)  # "" unless --check content
     embeddings: np.ndarray | None = None  # (n, D) float32
     failed: list[tuple[str, str, tuple[int, int]]] = field(default_factory=list)  # key, why, fp
+    # Row-info columns the extractor declares (name -> one int8 code per row), e.g. "face":
+    # how the face was found (featurize.align.FACE_CODES). Written as `info/<name>`.
+    info: dict[str, list[int]] = field(default_factory=dict)
 
 
 def numbers(group, name: str, values, dtype):
@@ -94,7 +98,22 @@ def write_shard(cache_path, name: str, settings, rows: ShardRows) -> Path:
         numbers(f, "sizes", [rows.fingerprints[i][0] for i in order], np.int64)
         numbers(f, "mtimes", [rows.fingerprints[i][1] for i in order], np.int64)
         write_failed(f, sorted(rows.failed))
+        write_info(f, {name: [codes[i] for i in order] for name, codes in rows.info.items()})
     return _write_file(cache_path, name, settings, fill)
+
+
+def write_info(f, info: dict):
+    """The row-info columns (int8 codes, checksummed) under `info/`."""
+    if info:
+        g = f.create_group("info")
+        for name, codes in info.items():
+            numbers(g, name, codes, np.int8)
+
+
+def read_info(f) -> dict[str, np.ndarray]:
+    """A shard's row-info columns (none in shards written before they existed)."""
+    g = f.get("info")
+    return {name: g[name][()] for name in g} if g is not None else {}
 
 
 def _write_file(cache_path, name: str, settings, fill) -> Path:
@@ -146,7 +165,19 @@ def write_merged(cache_path, settings, members, dim: int) -> tuple[Path, int]:
         numbers(f, "sizes", [members[k][0].sizes[i] for _, k, i in rows], np.int64)
         numbers(f, "mtimes", [members[k][0].mtimes[i] for _, k, i in rows], np.int64)
         write_failed(f, [])
+        write_info(f, _merged_info(rows, members))
     return _write_file(cache_path, new_name("merged"), settings, fill), len(rows)
+
+
+def _merged_info(rows, members) -> dict:
+    """The row-info columns of merged rows; -1 for rows of shards without the column."""
+    columns = []
+    for src, _ in members:
+        with h5py.File(src.path, "r") as f:
+            columns.append(read_info(f))
+    names = sorted({name for c in columns for name in c})
+    return {name: [int(columns[k][name][members[k][0].rows[i]]) if name in columns[k] else -1
+                   for _, k, i in rows] for name in names}
 
 
 def _gather(block, members, handles, dim: int) -> np.ndarray:
@@ -182,6 +213,7 @@ class Source:
     dropped: int = 0  # rows left out because they fail their checksum
     damaged: bool = False  # something fails its checksum, or the file is gone
     listed: bool = False  # in the index (else: progress not committed yet)
+    info_names: tuple[str, ...] = ()  # its row-info columns
 
     def digest_list(self) -> list[str]:
         """The content digest of each row ("" where none was recorded), read once."""
@@ -214,13 +246,14 @@ def read_source(path: Path, name: str, live=None, scan: bool = True,
         keys = _strings(f["paths"])
         failed, bad_failed = _read_failed(f) if failures else ({}, False)
         seq = int(f.attrs.get("seq", 0))
+        info_names = tuple(sorted(f["info"])) if "info" in f else ()
     if keep.all():  # the common case, without a per-row copy
         rows, sizes, mtimes = range(n), sizes.tolist(), mtimes.tolist()
     else:
         rows = np.flatnonzero(keep).tolist()
         keys, sizes, mtimes = [keys[r] for r in rows], sizes[rows].tolist(), mtimes[rows].tolist()
     return Source(path, name, keys, list(rows), sizes, mtimes, None, failed, seq, n, dim,
-                  len(bad), bool(bad or bad_failed))
+                  len(bad), bool(bad or bad_failed), info_names=info_names)
 
 
 def _scan_live(ds, live, n: int) -> list[int]:
@@ -256,12 +289,18 @@ class Journal:
         self.vectors: list[np.ndarray] = []
         self.since = time.monotonic()
 
-    def add(self, items, embeddings):
+    def add(self, items, embeddings, info: dict | None = None):
+        """Rows of `items`; `info`: their row-info columns (name -> one code per item)."""
+        for name, codes in (info or {}).items():
+            column = self.rows.info.setdefault(name, [-1] * (len(self.rows.keys)))
+            column.extend(int(c) for c in codes)
         for it, row in zip(items, embeddings):
             self.rows.keys.append(it.key)
             self.rows.fingerprints.append(it.fingerprint)
             self.rows.digests.append(getattr(it, "digest", ""))
             self.vectors.append(np.asarray(row, dtype=np.float32))
+        for column in self.rows.info.values():  # a batch without a column: -1, unknown
+            column.extend([-1] * (len(self.rows.keys) - len(column)))
         if (len(self.rows.keys) >= self.flush_rows
                 or time.monotonic() - self.since > self.flush_seconds):
             self.flush()

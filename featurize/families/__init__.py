@@ -7,7 +7,8 @@ whose `backbones()` returns its specs, and add one line below.
 
 from __future__ import annotations
 
-from .base import FINETUNED_BASE_FILE, FINETUNED_BASE_WEIGHTS, Backbone, Family, WeightFile
+from .base import (FINETUNED_BASE_FILE, FINETUNED_BASE_WEIGHTS, Backbone, CropProtocol, Family,
+                   WeightFile)
 from .dlib import Dlib
 from .keras_apps import KerasApplication
 from .keras_file import KerasFile
@@ -20,5 +21,5 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     KerasFile(),
 ]}
 
-__all__ = ["FAMILIES", "FINETUNED_BASE_FILE", "FINETUNED_BASE_WEIGHTS", "Backbone", "Family",
-           "WeightFile"]
+__all__ = ["FAMILIES", "FINETUNED_BASE_FILE", "FINETUNED_BASE_WEIGHTS", "Backbone", "CropProtocol",
+           "Family", "WeightFile"]

@@ -26,6 +26,20 @@ class WeightFile:
 
 
 @dataclass(frozen=True)
+class CropProtocol:
+    """How a face model's training crops were cut from a detected face (`--align dlib`): the
+    detector's box grown by `enlarge` of its side on each side in total (0.3: 30% larger),
+    the crop resized so its shorter side is `shorter_side`, then the centre `crop` x `crop`.
+    `level_eyes`: also rotate so the two eyes (of the 5 landmarks) are level."""
+
+    enlarge: float
+    shorter_side: int
+    crop: int
+    level_eyes: bool = True
+    source: str = ""  # where the protocol is published
+
+
+@dataclass(frozen=True)
 class Backbone:
     name: str
     family: Family  # the object that knows how to build, load and embed with this backbone
@@ -42,6 +56,10 @@ class Backbone:
     # The smallest input side the architecture accepts (5 stride-2 stages: 32; Keras's own
     # limits for the Inception family and Xception).
     min_input_size: int = 32
+    # Face models: the crop their training images had (`--align dlib` cuts it), and the
+    # `--align` preset recommended for them ("none": images are used as they are).
+    crop_protocol: CropProtocol | None = None
+    align: str = "none"
 
     @property
     def short_name(self) -> str:
@@ -142,6 +160,8 @@ class Family:
         """What the extractor's `prepare` makes of in-memory RGB pixels."""
         from ..images import fit
         model_input = settings.model_input
+        if hasattr(model_input, "pixels"):  # --align: featurize.align.AlignedInput
+            return model_input.pixels(pixels)
         if model_input.source is not None:
             return fit(pixels, model_input.source)
         return fit(pixels, model_input.size, model_input.crop)

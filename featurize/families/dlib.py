@@ -17,7 +17,8 @@ class Dlib(Family):
     def backbones(self) -> list[Backbone]:
         return [Backbone(name="dlib-resnet", family=self,
                          builder="featurize.dlib_backbone:DlibExtractor", input_size=150,
-                         preprocessing="dlib-5pt-chip", embedding_dim=128, default_pool="none")]
+                         preprocessing="dlib-5pt-chip", embedding_dim=128, default_pool="none",
+                         align="dlib")]
 
     def build(self, spec, include_top, input_size, imagenet):
         raise UserError(f"{spec.name} is not a Keras model; use a Keras backbone.")
@@ -34,6 +35,9 @@ class Dlib(Family):
             raise UserError("dlib-resnet takes no --layer/--pool/--input-size/--flip/--crop/"
                             "--resize: it aligns a 150x150 face chip itself (use --jitter N "
                             "to average).")
+        if config.align == "none":
+            raise UserError("dlib-resnet always aligns its face chip itself (--align dlib is "
+                            "built in); drop --align none.")
 
     def make_extractor(self, settings, weights):
         from ..dlib_backbone import DlibExtractor

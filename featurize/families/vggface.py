@@ -4,13 +4,25 @@ the weights of the keras-vggface v2.0 release (Keras 2 .h5 files, downloaded onc
 from __future__ import annotations
 
 from ..errors import UserError
-from .base import Backbone, Family, builder_of, WeightFile
+from .base import Backbone, CropProtocol, Family, builder_of, WeightFile
 
 VGGFACE_RELEASE = "https://github.com/rcmalli/keras-vggface/releases/download/v2.0/"
 VGGFACE_CACHE_SUBDIR = "models/vggface"  # under KERAS_HOME (~/.keras), as keras-vggface uses
 # Identity names of the same release, by the number of classes of the top (decode_predictions).
 VGGFACE_LABEL_FILES = {2622: "rcmalli_vggface_labels_v1.npy", 8631: "rcmalli_vggface_labels_v2.npy"}
 _RESNET_STAGES = ("conv1_", "conv2_", "conv3_", "conv4_", "conv5_")
+
+# VGGFace2 (resnet50, senet50): Cao et al., "VGGFace2: a dataset for recognising faces across
+# pose and age", FG 2018, and the models' README (github.com/ox-vgg/vgg_face2): the face
+# detector's box extended by a factor 0.3, the shorter side resized to 256, the centre
+# 224x224 crop (the random crop of training, centred at test time).
+VGGFACE2_CROP = CropProtocol(0.3, 256, 224, source="Cao et al. 2018 (VGGFace2), ox-vgg/vgg_face2")
+# VGGFace (vgg16): Parkhi, Vedaldi and Zisserman, "Deep Face Recognition", BMVC 2015, sec. 4.3:
+# training images rescaled so that the smaller side is 256, 224x224 patches cropped from them
+# (centred at test time), from the face detector's box. The paper gives no number for the
+# margin around the box, so the VGGFace2 margin (0.3) is used: a loosely cropped face, as
+# both datasets' images are.
+VGGFACE1_CROP = CropProtocol(0.3, 256, 224, source="Parkhi et al. 2015 (VGGFace), sec. 4.3")
 
 
 def keras_layer_name(name: str) -> str:
@@ -37,6 +49,7 @@ class VGGFace(Family):
 
     def _spec(self, arch, scheme, dim, feature_layer, blocks, top_layers) -> Backbone:
         return Backbone(
+            crop_protocol=VGGFACE1_CROP if scheme == "vggface1" else VGGFACE2_CROP, align="dlib",
             name=f"vggface-{arch}", family=self, builder=f"featurize.vggface:vggface_{arch}",
             input_size=224, preprocessing=scheme, embedding_dim=dim, feature_layer=feature_layer,
             notop_weights=WeightFile(f"rcmalli_vggface_tf_notop_{arch}.h5",
