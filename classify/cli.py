@@ -221,6 +221,7 @@ def _search(argv) -> int:
         print(json.dumps({"cache": str(gallery.path), "method": gallery.method,
                           "results": results}, indent=2))
         return status
+    print(f"{gallery.method} search of {gallery.rows:,} gallery rows, k={args.k}")
     for r in results:
         if "error" in r:
             print(f"{r['query']}: error: {r['error']}")

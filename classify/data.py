@@ -84,6 +84,9 @@ class Unknowns:
     background_people: np.ndarray
 
 
+UNKNOWN_CLASS = "unknown"  # classify.openset.UNKNOWN (no scikit-learn import here)
+
+
 def open_set_selection(c, o) -> tuple[Selection, Unknowns]:
     """The known people (as `select`, for a held-out split) and the unknown probes of
     `--open-set` (`o`: TrainOptions). The unknowns are the labelled people that the
@@ -106,6 +109,10 @@ def open_set_selection(c, o) -> tuple[Selection, Unknowns]:
                             "--unknown-fraction or add people.")
         pool = np.sort(rng.choice(people, n_out, replace=False))
     sel = select(c, o.min_per_class, o.max_per_class, exclude=pool)
+    if UNKNOWN_CLASS in sel.classes:  # classify.openset.UNKNOWN: the answer for a stranger
+        raise UserError(f"{c.path} has a class named {UNKNOWN_CLASS!r}, which an --open-set "
+                        "run answers for people it does not know; rename that class folder "
+                        "and run featurize again.")
     by_person = {int(k): np.flatnonzero(c.labels == k) for k in pool}
     ordered = np.concatenate([by_person[int(k)] for k in rng.permutation(pool)])
     rows = np.sort(ordered[:o.max_unknown])

@@ -9,6 +9,7 @@ the run: any error becomes a note, and thumbnails are capped (MAX_THUMBNAILS).
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import os
@@ -342,4 +343,5 @@ def write_atomic(path: Path, write, option: str) -> None:
         raise UserError(f"cannot write {option} {path} ({e.strerror or e}); choose a writable "
                         "file.") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder: nothing was made
+            tmp.unlink(missing_ok=True)

@@ -34,7 +34,9 @@ from sklearn import metrics
 
 from featurize.errors import UserError
 
-UNKNOWN = "unknown"  # the prediction of a rejected image
+from . import data
+
+UNKNOWN = data.UNKNOWN_CLASS  # the prediction of a rejected image
 SCORE = "centroid_cosine"
 FILE = "open_set.npz"  # the centroids and threshold, in the run folder
 FAR_POINTS = (0.1, 0.01, 0.001)
@@ -203,4 +205,4 @@ def format_figures(m: dict) -> str:
     return (f"open set: {m['n_known_identities']} known people ({m['n_known_probes']} probes), "
             f"{m['n_unknown_identities']} unknown ({m['n_unknown_probes']} probes); DIR at FAR "
             f"{at}; auc_open {m['auc_open']:.4f}; learnt threshold {m['threshold']:.4f}: "
-            f"DIR {m['dir']:.4f}, FAR {m['far']:.4f}")
+            f"DIR {m['dir']:.4f}, FAR {m['far']:.4f} (threshold from {m['threshold_from']})")

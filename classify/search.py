@@ -15,6 +15,7 @@ older keys are removed then. `EXACT_MAX_ROWS` and the library were chosen by
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -87,6 +88,7 @@ class Gallery:
         featurize run committed since), forget the index of the old content."""
         self.attrs = cache_io.read_attrs(self.path)
         with cache_io.schema._open(self.path) as f:
+            cache_io.schema.check_shards(f, self.path)  # not zeros for a missing shard
             key = content_key(f, self.path, self.attrs)
             if key == self.key:
                 return
@@ -300,15 +302,20 @@ def load_or_build_index(path: Path, key: str, rows: int, dim: int, log=print):
     log(f"building the search index of {rows:,} rows once ({INDEX_LIBRARY}; kept in "
         f"{folder}, used until the cache changes)")
     index = _build(path, rows, dim)
-    folder.mkdir(exist_ok=True)
     # A name no other writer uses; faiss creates the file (mode as umask says, not 0600).
     tmp = str(folder / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
+        folder.mkdir(exist_ok=True)
         faiss.write_index(index, tmp)
         cache_io.fsync_replace(Path(tmp), target)
+    except (OSError, RuntimeError) as e:  # a read-only or full disk: search all the same
+        log(f"cannot keep the index in {folder} ({getattr(e, 'strerror', None) or e}); "
+            "it is used for this search only")
+        return index, None, True
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     for old in folder.glob("ivfflat-*.faiss"):  # older contents: never used again
         if old != target:
             old.unlink(missing_ok=True)

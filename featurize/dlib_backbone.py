@@ -41,22 +41,24 @@ def model_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def _finders():
     """The HOG face detector and the 5-point landmark model (one copy per process)."""
+    frm = _models_package()  # first: a missing dlib is its one-line message
     import dlib
-    frm = _models_package()
     return (dlib.get_frontal_face_detector(),
             dlib.shape_predictor(frm.pose_predictor_five_point_model_location()))
 
 
 @functools.lru_cache(maxsize=1)
 def _net():
+    frm = _models_package()
     import dlib
-    return dlib.face_recognition_model_v1(_models_package().face_recognition_model_location())
+    return dlib.face_recognition_model_v1(frm.face_recognition_model_location())
 
 
 @functools.lru_cache(maxsize=1)
 def _cnn():
+    frm = _models_package()
     import dlib
-    return dlib.cnn_face_detection_model_v1(_models_package().cnn_face_detector_model_location())
+    return dlib.cnn_face_detection_model_v1(frm.cnn_face_detector_model_location())
 
 
 def _detect(rgb: np.ndarray, cnn: bool = False):

@@ -91,7 +91,7 @@ def project(X: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
                          random_state=seed).fit_transform(X)
     from sklearn.manifold import TSNE
     if X.shape[1] > 50:  # the usual t-SNE recipe: PCA to 50 first, faster and less noisy
-        X = PCA(50, random_state=seed).fit_transform(X)
+        X = PCA(min(50, *X.shape), random_state=seed).fit_transform(X)
     return TSNE(2, init="pca", perplexity=min(30.0, (len(X) - 1) / 3),
                 random_state=seed).fit_transform(X)
 

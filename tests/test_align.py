@@ -292,3 +292,20 @@ def test_row_info_columns_survive_shards_merges_and_old_rows(tmp_path):
     assert c.row_info == {} and c.face_found is None
     with h5py.File(plain) as f:
         assert "info" not in f
+
+
+def test_without_dlib_every_aligned_path_is_one_line(monkeypatch):
+    """predict, search and verify --sample on an --align dlib cache reach the detector through
+    these: without dlib they give the install line, not an ImportError."""
+    from featurize import dlib_backbone
+    from featurize.errors import UserError
+    for load in (dlib_backbone._finders, dlib_backbone._net, dlib_backbone._cnn):
+        load.cache_clear()
+    monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib raises ImportError
+    try:
+        for load in (dlib_backbone._finders, dlib_backbone._net, dlib_backbone._cnn):
+            with pytest.raises(UserError, match=r"pip install -e '\.\[dlib\]'"):
+                load()
+    finally:
+        for load in (dlib_backbone._finders, dlib_backbone._net, dlib_backbone._cnn):
+            load.cache_clear()

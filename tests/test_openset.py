@@ -216,6 +216,17 @@ def test_too_few_people_to_hold_out_is_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="no labels"):
         classify.train(unlabelled, open_set=True)
 
+    named = synthetic_cache(tmp_path / "n.h5", *blobs(n_classes=4, per_class=6, dim=8)[:2],
+                            ["ann", "bob", "carl", "unknown"])
+    for seed in range(3):  # whichever people the seed holds out, "unknown" is refused if kept
+        try:
+            classify.train(named, open_set=True, seed=seed)
+        except UserError as e:
+            assert "class named 'unknown'" in str(e) and "rename" in str(e)
+            break
+    else:
+        pytest.fail("a class named 'unknown' was kept as a known person without a word")
+
 
 def colour_image(path: Path, colour, seed: int) -> str:
     """A flat colour with noise: a random-weight network tells colours apart."""
@@ -243,6 +254,8 @@ def test_train_open_set_then_predict_unknown_in_fresh_processes(tmp_path, capsys
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "open set: 4 known people" in proc.stdout and "learnt threshold" in proc.stdout
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "DIR at FAR 0.01" in report and "auc_open" in report  # the open set in the report
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["open_set"]
     assert metrics["n_unknown_identities"] == 1 and metrics["n_unknown_probes"] == 2
     known = colour_image(tmp_path / "new" / "ann.png", reds["ann"], 7)

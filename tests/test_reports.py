@@ -286,6 +286,24 @@ def test_map_mistakes_are_one_line(world, tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
+def test_tsne_map_of_fewer_rows_than_its_pca_step(world, tmp_path):
+    from featurize.map import project
+    assert project(world["X"][:30], "tsne").shape == (30, 2)  # PCA to min(50, rows) first
+
+
+def test_a_page_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from featurize.errors import UserError
+
+    from classify.html import write_text_atomic
+
+    def refuse(*_, **__):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(Path, "unlink", refuse)  # as the cleanup fails on a read-only folder
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(UserError, match=r"cannot write --html .*Read-only file system"):
+        write_text_atomic(tmp_path / "r.html", "<p>x</p>", "--html")
+
+
 # --- the pages in a browser -------------------------------------------------------------------
 
 CHECK = ("<script>addEventListener('load', function () { var i = Array.from(document.images);"

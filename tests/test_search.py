@@ -242,7 +242,8 @@ def test_cli_text_output(tmp_path, tiny_embedder, capsys):
     featurize.embed_folder(faces, tiny_embedder, tmp_path / "c.h5", progress=False,
                            workers=1)
     assert main(["search", str(faces / "carol"), "--cache", str(tmp_path / "c.h5"), "-k", "2"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    header, *out = capsys.readouterr().out.splitlines()
+    assert header == "exact search of 6 gallery rows, k=2"
     assert out[0] == f"{faces / 'carol' / 'carol_0000.jpg'}:"
     assert out[1].split()[:3] == ["1", "0.0000", "carol"]
     assert out[1].endswith("carol_0000.jpg") and len(out) == 6
@@ -330,3 +331,31 @@ def test_full_lfw_cache():
     if query.is_file():
         hit = g.search([query], k=3)[0]["neighbours"][0]
         assert hit["row"] == rows[0] and hit["distance"] < 1e-4
+
+
+def test_a_cache_without_its_shards_folder_is_one_line_not_an_empty_answer(gallery_cache,
+                                                                           tmp_path):
+    path, X, _, _ = gallery_cache
+    lonely = tmp_path / "alone" / "gallery.h5"  # the index copied, its shards folder not
+    lonely.parent.mkdir()
+    lonely.write_bytes(Path(path).read_bytes())
+    with pytest.raises(UserError, match=r"shard .* is missing; a cache is its file plus"):
+        classify.Gallery(lonely, k=3).nearest(X[:2])
+
+
+def test_a_read_only_cache_folder_is_searched_with_an_index_kept_in_memory(gallery_cache,
+                                                                           monkeypatch):
+    path, X, _, _ = gallery_cache
+    search = importlib.import_module("classify.search")
+    real_write = search.cache_io.fsync_replace
+
+    def read_only(tmp, final):  # what a read-only folder does to the rename
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(search.cache_io, "fsync_replace", read_only)
+    notes = []
+    g = classify.Gallery(path, k=5, exact_max_rows=len(X) - 1, log=notes.append)
+    rows, _ = g.nearest(X[:3])
+    assert g.method == "approximate" and g.index_path is None and rows[:, 0].tolist() == [0, 1, 2]
+    assert any("cannot keep the index" in n and "Permission denied" in n for n in notes)
+    assert list(Path(f"{path}.search").glob("*")) == []  # nothing half-written left behind
+    monkeypatch.setattr(search.cache_io, "fsync_replace", real_write)

@@ -323,6 +323,15 @@ def _read_shards(f, path: Path) -> _Rows:
     return rows
 
 
+def check_shards(f: h5py.File, path) -> None:
+    """Every shard the index lists is there: a virtual dataset reads a missing source as
+    zeros, so a reader that slices `embeddings` directly checks this first."""
+    if "shards" in f:
+        for name in _strings(f["shards/names"]):
+            if not (Path(path).parent / name).is_file():
+                open_shard(path, name).close()  # raises its one-line message
+
+
 def open_shard(path: Path, name: str) -> h5py.File:
     """A shard file the index at `path` lists; missing or unreadable is a UserError."""
     shard = Path(path).parent / name
