@@ -271,19 +271,25 @@ def runtimes_table(out):
     out.append(f"\n{machine(r)}; command: `{r['command']}`\n")
 
 
+def section(out, r, title: str, intro: str, body: str) -> None:
+    """One generated subsection: a title, what was measured, the table, machine and command."""
+    out.append(f"### {title}\n")
+    out.append(intro)
+    out.append(body)
+    out.append(f"\n{machine(r)}; command: `{r['command']}`\n")
+
+
 def lfw_gap_table(out):
     """benchmarks/lfw_gap.py: every step of dlib's face chip measured on LFW View 1."""
     r = load("lfw_gap")
     if not r:
         return
     from lfw_gap import table  # benchmarks/lfw_gap.py renders its own JSON
-    out.append("### dlib-resnet on LFW View 1: where the points go\n")
-    out.append("10-fold protocol over the 3,200 View 1 pairs (each fold's threshold from the other "
-               "nine), the DevTrain threshold applied to DevTest, and 10-fold within DevTest; "
-               "the reasons are in \"dlib-resnet on LFW: where the published figure comes "
-               "from\". Our figure is the first row.\n")
-    out.append(table(r))
-    out.append(f"\n{machine(r)}; command: `{r['command']}`\n")
+    section(out, r, "dlib-resnet on LFW View 1: where the points go",
+            "10-fold protocol over the 3,200 View 1 pairs (each fold's threshold from the other "
+            "nine), the DevTrain threshold applied to DevTest, and 10-fold within DevTest; the "
+            "reasons are in \"dlib-resnet on LFW: where the published figure comes from\". "
+            "Our figure is the first row.\n", table(r))
 
 
 def openset_table(out):
@@ -292,16 +298,15 @@ def openset_table(out):
     if not r:
         return
     c = r["counts"][0]
-    out.append("### Open-set identification on LFW (`dlib-resnet`, `--open-set`)\n")
-    out.append(f"Known: the {c['known_identities']} people with >= {r['min_per_class']} images "
-               f"({c['train_images']:,} training images, {c['known_probes']} known probes); "
-               f"unknown probes: {r['max_unknown']:,} images of whole people with fewer; the "
-               f"threshold learnt for a target FAR of {r['target_far']} without the probes "
-               f"(`threshold_from`: {c['run_threshold_from']}). Mean ± std over seeds "
-               f"{', '.join(map(str, r['seeds']))}. DIR@FAR columns use the oracle threshold "
-               "(the standard curve); the last two what the learnt threshold gives.\n")
-    out.append(r["table"])
-    out.append(f"\n{machine(r)}; command: `{r['command']}`\n")
+    intro = (f"Known: the {c['known_identities']} people with >= {r['min_per_class']} images "
+             f"({c['train_images']:,} training images, {c['known_probes']} known probes); "
+             f"unknown probes: {r['max_unknown']:,} images of whole people with fewer; the "
+             f"threshold learnt for a target FAR of {r['target_far']} without the probes "
+             f"(`threshold_from`: {c['run_threshold_from']}). Mean ± std over seeds "
+             f"{', '.join(map(str, r['seeds']))}. DIR@FAR columns use the oracle threshold "
+             "(the standard curve); the last two what the learnt threshold gives.\n")
+    section(out, r, "Open-set identification on LFW (`dlib-resnet`, `--open-set`)", intro,
+            r["table"])
 
 
 def search_tables(out):
