@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +326,8 @@ def _link(run_dir: Path, out: Path) -> str | None:
     report = run_dir / "report.html"
     if not report.is_file():
         return None
-    return Path(os.path.relpath(report.resolve(), out.resolve().parent)).as_posix()
+    relative = Path(os.path.relpath(report.resolve(), out.resolve().parent)).as_posix()
+    return urllib.parse.quote(relative)  # a folder named "a #1?" is still one link
 
 
 def write_text_atomic(path: Path, text: str, option: str) -> None:

@@ -236,6 +236,18 @@ def test_runs_html_compares_every_run_with_links_to_their_reports(world):
     assert "2 runs:" in world["procs"]["runs"].stdout
 
 
+def test_runs_html_links_a_run_folder_with_any_name(world, tmp_path):
+    from urllib.parse import unquote
+
+    from classify.html import runs_page
+    odd = tmp_path / "runs" / "run ü #1?"
+    shutil.copytree(world["runs"] / "logreg", odd)
+    runs_page(tmp_path / "runs", tmp_path / "page.html")
+    (link,) = re.findall(r'<a href="([^"]+)">', (tmp_path / "page.html").read_text())
+    assert "#" not in link and "?" not in link and " " not in link
+    assert (tmp_path / unquote(link)).resolve() == (odd / "report.html").resolve()
+
+
 def test_runs_html_mistakes_are_one_line(world, tmp_path, capsys):
     from classify.cli import main
     assert main(["runs", "--runs-dir", str(world["runs"]), "--html", str(tmp_path)]) == 2
