@@ -24,7 +24,7 @@ def _default(options, name: str):
 def _parser() -> ArgumentParser:
     from .align import ALIGNS
     from .extractor import POOLS, PRECISIONS, RESIZES, EmbedderConfig as E
-    from .run import ENGINES, RunOptions as R
+    from .run import RunOptions as R
     from .runtimes import RUNTIMES
     p = ArgumentParser(
         prog="python -m featurize",
@@ -64,6 +64,13 @@ def _parser() -> ArgumentParser:
     p.add_argument("--resize", choices=RESIZES, default=_default(E, "resize"),
                    help="where to crop and resize: cpu (Pillow) or device (in the model, on the "
                         "GPU; from the first image's size: for folders of one image size)")
+    _run_arguments(p)
+    return p
+
+
+def _run_arguments(p: ArgumentParser) -> None:
+    """How a run goes (RunOptions and the command line's own flags), not what it computes."""
+    from .run import ENGINES, RunOptions as R
     p.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 32 on a CPU")
     p.add_argument("--workers", type=int, help="decoding workers (default: CPU count)")
     p.add_argument("--out", help="cache file (default: derived from dataset and settings)")
@@ -86,7 +93,6 @@ def _parser() -> ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-backbones", action="store_true", help="list backbones and exit")
-    return p
 
 
 def _verify_parser() -> ArgumentParser:
