@@ -39,21 +39,23 @@ import numpy as np
 from common import LFW, command_line, lfw_images, save
 
 from classify.verify import evaluate, parse_pairs
-from featurize.dlib_backbone import FALLBACK_BOX
+from featurize.dlib_backbone import FALLBACK_BOX, model_file, models_dir
 
 _MODELS = {}
 
 
 def _init_worker():
     import dlib
-    import face_recognition_models as frm
     os.nice(5)
+    # the model files, found as the backbone finds them: face_recognition_models is never
+    # imported (its __init__ needs pkg_resources, gone from setuptools 81+)
+    sp68 = models_dir("the LFW benchmark") / "shape_predictor_68_face_landmarks.dat"
     _MODELS.update(
         hog=dlib.get_frontal_face_detector(),
-        sp5=dlib.shape_predictor(frm.pose_predictor_five_point_model_location()),
-        sp68=dlib.shape_predictor(frm.pose_predictor_model_location()),
-        net=dlib.face_recognition_model_v1(frm.face_recognition_model_location()),
-        cnn=dlib.cnn_face_detection_model_v1(frm.cnn_face_detector_model_location()))
+        sp5=dlib.shape_predictor(model_file("five_point", "the LFW benchmark")),
+        sp68=dlib.shape_predictor(str(sp68)),
+        net=dlib.face_recognition_model_v1(model_file("recognition", "the LFW benchmark")),
+        cnn=dlib.cnn_face_detection_model_v1(model_file("cnn", "the LFW benchmark")))
 
 
 def _read(path):

@@ -239,35 +239,48 @@ def scale_table(out):
         out.append(note)
 
 
+RUNTIME_NAMES = {"keras_fp32": "`--runtime keras`", "onnx_fp32": "`--runtime onnx`",
+                 "openvino_fp32": "OpenVINO fp32 (the default)",
+                 "keras_mixed": "`--precision mixed --runtime keras`",
+                 "openvino_bf16": "`--precision mixed` (OpenVINO bfloat16)",
+                 "onnx_int8": "`--precision int8` (ONNX Runtime)"}
+
+
 def runtimes_table(out):
-    """benchmarks/runtimes.py: Keras vs ONNX Runtime vs OpenVINO vs int8 on the CPU."""
+    """benchmarks/runtimes.py: each CPU runtime and precision, per CPU-second, with its
+    agreement with float32 and the whole command."""
     r = load("runtimes_cpu")
-    if not r:
+    if not r or "model_only" not in r:
         return
-    out.append("### CPU runtimes (`--runtime`, `--precision int8`)\n")
-    out.append(f"{r['images']} LFW images at {r['input_size']} px, end to end, batch "
-               f"{r['batch_size']}, {r['workers']} workers, `--weights {r['weights']}`, one run; "
-               "ratio to Keras/TensorFlow in the same run; exports are one-off (onnx's includes "
-               "the SavedModel that openvino then reuses; int8's includes calibrating and the "
-               "held-out comparison).\n")
-    out.append("| backbone | Keras | ONNX Runtime fp32 | OpenVINO fp32 | int8 (ONNX Runtime) | "
-               "int8 vs fp32, held-out | export s (onnx, openvino, int8) |")
+    p = r["peaks"]
+    out.append("### CPU runtimes and precisions (`--runtime`, `--precision`)\n")
+    out.append(f"`{r['backbone']}` at {r['input_size']} px, `--weights {r['weights']}`, batch "
+               f"{r['batch_size']}, model only (prepared images, contenders interleaved), "
+               f"images per CPU-second of the process; CPU: {p['vendor']} family "
+               f"{p['cpu_family']}, {p['cores']} cores at {p['ghz']:.2f} GHz, flags "
+               f"{', '.join(p['flags'])}. Centred cosine: the cosine after subtracting the mean "
+               "float32 embedding of the held-out images.\n")
+    out.append("| runtime / precision | wall img/s | img per CPU-s | vs default | share of "
+               "peak | centred cosine to fp32 (mean / min) | logreg top-1 agreement |")
     out.append("|---|---|---|---|---|---|---|")
-    for backbone, rows in r["runtimes"].items():
-        cells = [f"{img_s(rows['keras']['img_s'])} img/s"] + [
-            f"{img_s(rows[k]['img_s'])} img/s ({rows[k]['ratio_to_keras']:.2f}x)"
-            for k in ("onnx", "openvino", "int8")]
-        q = rows["int8"]["report"]
-        agreement = (f"cosine {q['mean_cosine']:.5f} mean, {q['min_cosine']:.5f} min; logreg "
-                     f"top-1 agreement {100 * q.get('logreg_top1_agreement', float('nan')):.0f}%"
-                     f" ({q['held_out_images']} images, calibrated on {q['calibration_images']})")
-        exports = ", ".join(f"{rows[k]['export_s']:.1f}" for k in ("onnx", "openvino", "int8"))
-        out.append(f"| `{backbone}` | {' | '.join(cells)} | {agreement} | {exports} |")
-    d = r.get("dlib_resnet")
-    if d:
-        out.append(f"\n`dlib-resnet`: {img_s(d['workers_1']['img_s'])} img/s with 1 worker, "
-                   f"{img_s(d['workers_2']['img_s'])} with 2 ({d['scaling_2_workers']:.2f}x): "
-                   f"about {img_s(d['img_s_per_core'])} img/s per core.")
+    for key, row in r["model_only"].items():
+        q = r["agreement_vs_fp32"].get(key)
+        agree = (f"{q['mean_centred_cosine']:.5f} / {q['min_centred_cosine']:.5f}" if q
+                 else "(the reference)")
+        top1 = f"{100 * q['logreg_top1_agreement']:.0f}%" if q else ""
+        out.append(f"| {RUNTIME_NAMES.get(key, key)} | {row['img_s']:.1f} | "
+                   f"{row['img_per_cpu_s']:.1f} | {row['per_cpu_s_vs_openvino_fp32']:.2f}x | "
+                   f"{row['share_of_peak']:.2f} | {agree} | {top1} |")
+    runs = r["whole_command"]["runs"]
+    out.append(f"\nWhole command, `python -m featurize DIR` on {r['whole_command']['images']} "
+               f"LFW images: float32 {runs['float32_again']['wall_s']:.1f} s "
+               f"({runs['float32_again']['cpu_s']:.1f} CPU-s); `--precision mixed` "
+               f"{runs['mixed_kept_report']['wall_s']:.1f} s "
+               f"({runs['mixed_kept_report']['cpu_s']:.1f} CPU-s, "
+               f"{runs['mixed_kept_report']['speedup_cpu']:.2f}x) with its agreement report "
+               f"already kept, {runs['mixed_fresh_report']['wall_s']:.1f} s "
+               f"({runs['mixed_fresh_report']['speedup_cpu']:.2f}x) the first time on a model and "
+               "dataset sample, which embeds 128 held-out images twice for the report.")
     out.append(f"\n{machine(r)}; command: `{r['command']}`\n")
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 
 from featurize.cli import command_line
-from featurize.errors import ArgumentParser, run_command
+from featurize.errors import ArgumentParser, check_range, run_command
 
 from . import heads, runs
 from .options import TrainOptions, defaults
@@ -69,6 +69,7 @@ def _predict_parser():
     p.add_argument("--run", required=True, help="run folder made by python -m classify")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--trust-pickle", action="store_true", help=runs.TRUST_PICKLE_HELP)
     return p
 
 
@@ -168,7 +169,9 @@ def _runs(argv) -> int:
 def _predict(argv) -> int:
     from .api import predict
     args = _predict_parser().parse_args(argv)
-    results = predict(args.images, args.run, args.top_k)
+    check_range("--top-k", args.top_k, 1)  # before the run is read, as predict checks it
+    run = runs.Run.load(args.run, trust_pickle=args.trust_pickle)
+    results = predict(args.images, run, args.top_k)
     # Exit 1 when an input could not be used (as featurize --strict), after printing the rest.
     status = 1 if any("error" in r for r in results) else 0
     if args.json:

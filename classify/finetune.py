@@ -45,6 +45,7 @@ def _parser():
                    help="also write a new cache embedded with the fine-tuned base")
     p.add_argument("--out", help="new run folder (default: runs/<timestamp>-finetune)")
     p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--trust-pickle", action="store_true", help=runs.TRUST_PICKLE_HELP)
     return p
 
 
@@ -339,12 +340,12 @@ def finetune_run(run: Run, options: FinetuneOptions, save_to=None, log=print) ->
     return tuned
 
 
-def finetune(run_dir, out=None, log=print, **options) -> dict:
+def finetune(run_dir, out=None, log=print, trust_pickle: bool = False, **options) -> dict:
     """Fine-tune a run folder as `python -m classify finetune` does (`options`: the
     FinetuneOptions fields), into `out` or a new folder beside the run: what happened, as a
-    dict. (`classify.finetune` is the API, returning a Run.)"""
+    dict. `trust_pickle`: as `Run.load`'s. (`classify.finetune` is the API, returning a Run.)"""
     opts = FinetuneOptions(**options)  # checked before the run is even read
-    run = Run.load(run_dir)
+    run = Run.load(run_dir, trust_pickle=trust_pickle)
     tuned = finetune_run(run, opts, runs.new_dir("finetune", out, Path(run_dir).parent), log)
     return summary(tuned)
 
@@ -439,8 +440,15 @@ def _refeaturize(settings, root, new_dir, cache_path):
                   precision=settings.precision, progress=False,
                   resize="device" if settings.model_input.source else "cpu",
                   source_size=settings.model_input.source,
-                  cache_dir=Path(cache_path).parent)
+                  cache_dir=Path(cache_path).parent, runtime=_mixed_runtime(settings))
     return s.path
+
+
+def _mixed_runtime(settings) -> str | None:
+    """--precision mixed goes on where the cache was made: OpenVINO bfloat16 or Keras."""
+    if settings.precision != "mixed":
+        return None  # fp32 and int8: featurize's choice (the same embeddings, or calibrated)
+    return "openvino" if settings.precision_engine else "keras"
 
 
 def _in(weight, layer_names) -> bool:
@@ -452,7 +460,7 @@ def main(argv) -> int:
     args = _parser().parse_args(argv)
     opts = FinetuneOptions(args.unfreeze_blocks, args.lr, args.epochs, args.batch_size,
                            args.val_fraction, args.augment, args.refeaturize, args.seed)
-    run = Run.load(args.run)
+    run = Run.load(args.run, trust_pickle=args.trust_pickle)
     save_to = runs.new_dir("finetune", args.out, Path(args.run).parent)
     r = summary(finetune_api(run, save_to=save_to, options=opts))
     print(f"trained {len(r['trained_layers'])} layers for {r['epochs_run']} epochs "

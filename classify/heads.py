@@ -7,6 +7,7 @@ of them drops into the same Pipeline, split, report and run folder.
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import os
 import tempfile
@@ -17,8 +18,11 @@ from typing import Callable
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 from sklearn.utils._param_validation import InvalidParameterError, Interval, StrOptions
 from sklearn.utils import check_array
@@ -204,7 +208,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         proba = self.predict_proba(X)  # checks that it is fitted first
         return self.classes_[proba.argmax(axis=1)]
 
-    # The Keras model travels inside the joblib file as the bytes of a .keras archive.
+    # Pickled (joblib, and runs saved before skops), the Keras model travels as the bytes of
+    # a .keras archive. A run folder keeps it beside the pipeline instead (`without_keras`).
     def __getstate__(self):
         state = self.__dict__.copy()
         if "model_" in state:
@@ -269,7 +274,65 @@ def keras_from_bytes(data: bytes):
         path = os.path.join(tmp, "m.keras")
         with open(path, "wb") as f:
             f.write(data)
-        return keras.saving.load_model(path)
+        return keras.saving.load_model(path, safe_mode=True)  # no Lambda layer's code runs
+
+
+# --- what a run folder may hold ----------------------------------------------------------------
+
+# The types of a saved pipeline beyond those skops trusts by itself (scikit-learn's
+# estimators, NumPy arrays, Python's builtins), by exact qualified name: this module's heads
+# and the svm head's calibration parts. A file with any other type is refused unread.
+SKOPS_TYPES = tuple(sorted(
+    [f"{cls.__module__}.{cls.__qualname__}" for cls in (CosineCentroid, CosineKNN, DenseHead)]
+    + ["sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration"]))
+FEATURE_STEPS = {"l2": Normalizer, "standardize": StandardScaler, "pca": PCA}  # data.pipeline
+HEAD_TYPES = (LogisticRegression, CalibratedClassifierCV, CosineKNN, CosineCentroid,
+              RidgeClassifier, DenseHead)
+
+
+def pipeline_problem(pipeline) -> str:
+    """What makes a loaded object other than a pipeline `data.pipeline` makes, or ""."""
+    if type(pipeline) is not Pipeline:
+        return f"a {type(pipeline).__name__}, not a Pipeline"
+    steps = pipeline.__dict__.get("steps")
+    if not (isinstance(steps, list) and steps
+            and all(isinstance(s, tuple) and len(s) == 2 for s in steps)):
+        return "a Pipeline without steps"
+    for name, step in steps[:-1]:
+        if not isinstance(name, str) or type(step) is not FEATURE_STEPS.get(name):
+            return f"an unexpected feature step {name!r} ({type(step).__name__})"
+    name, head = steps[-1]
+    if name != "head" or type(head) not in HEAD_TYPES:
+        return f"an unexpected head step {name!r} ({type(head).__name__})"
+    return ""
+
+
+def keras_model(pipeline):
+    """The Keras model of a fitted pipeline's head (the dense head's), or None."""
+    head = pipeline.steps[-1][1]
+    return head.__dict__.get("model_") if isinstance(head, DenseHead) else None
+
+
+def without_keras(pipeline):
+    """A shallow copy of a fitted pipeline whose dense head lacks its Keras model (which a run
+    folder keeps as a .keras file beside it); the pipeline itself if it has none."""
+    if keras_model(pipeline) is None:
+        return pipeline
+    name, head = pipeline.steps[-1]
+    bare = DenseHead.__new__(DenseHead)
+    bare.__dict__.update({k: v for k, v in head.__dict__.items() if k != "model_"})
+    stripped = copy.copy(pipeline)
+    stripped.steps = [*pipeline.steps[:-1], (name, bare)]
+    return stripped
+
+
+def needs_keras(pipeline) -> bool:
+    """A loaded pipeline's head needs its Keras model reattached (`attach_keras`)."""
+    return isinstance(pipeline.steps[-1][1], DenseHead)
+
+
+def attach_keras(pipeline, model) -> None:
+    pipeline.steps[-1][1].model_ = model
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,19 @@
         confusion.png  row-normalised confusion matrix with counts (up to 30 classes; above:
                        confused_pairs.png, the most confused pairs)
         f1.png         per-class F1 bars
-        head.joblib    the fitted Pipeline (features + head)
-        head.keras     the dense head's Keras model, for use outside this tool
+        head.skops     the fitted Pipeline (features + head), in skops's format: data, not code
+        head.keras     the dense head's Keras model (not inside head.skops)
         open_set.npz   an --open-set run's known centroids and threshold (classify/openset.py)
+    a fine-tuned run has model.keras (the whole model) and the fine-tuned base's weights instead
+    of head.skops and head.keras.
 
 A run folder is written under a temporary name and renamed when complete.
+
+Run folders are shared, so loading one runs none of its content: head.skops may hold only
+the types a pipeline of this tool has (`heads.SKOPS_TYPES` beyond skops's own trusted ones,
+checked before anything is built), Keras files load in safe mode, and every file it reads
+must lie inside the folder (no link out of it); no name in run.json becomes a path. Runs saved by older versions have head.joblib, a pickle, which can run
+any code when loaded: it is refused unless the caller trusts it (`trust_pickle`).
 """
 
 from __future__ import annotations
@@ -24,13 +32,18 @@ import shutil
 import time
 from pathlib import Path
 
-import joblib
 import numpy as np
 
 from featurize.errors import UserError
 
 DEFAULT_DIR = Path("runs")
 RUN_VERSION = 1
+PIPELINE_FILE = "head.skops"
+KERAS_HEAD_FILE = "head.keras"
+FINETUNED_FILE = "model.keras"
+PICKLE_FILE = "head.joblib"  # runs saved before head.skops
+TRUST_PICKLE_HELP = ("load a run saved by an older version (head.joblib, a pickle: it can run "
+                     "any code), only if you trust whoever made it")
 
 
 def new_dir(head: str, out=None, base=DEFAULT_DIR) -> Path:
@@ -70,10 +83,19 @@ class RunWriter:
         self.path(name).write_text(text)
 
     def model(self, pipeline) -> None:
-        joblib.dump(pipeline, self.path("head.joblib"))
-        head = pipeline.named_steps["head"]
-        if hasattr(head, "model_"):
-            head.model_.save(self.path("head.keras"))
+        """The fitted pipeline as head.skops, and the dense head's Keras model as head.keras."""
+        import skops.io
+
+        from . import heads
+        path = self.path(PIPELINE_FILE)
+        skops.io.dump(heads.without_keras(pipeline), path)
+        unexpected = set(skops.io.get_untrusted_types(file=path)) - set(heads.SKOPS_TYPES)
+        if unexpected:  # `load` would refuse the run: a bug, found before the run is kept
+            raise RuntimeError(f"the pipeline holds types heads.SKOPS_TYPES lacks: "
+                               f"{', '.join(sorted(unexpected))}")
+        model = heads.keras_model(pipeline)
+        if model is not None:
+            model.save(self.path(KERAS_HEAD_FILE))
 
     def commit(self) -> Path:
         os.replace(self.tmp, self.final)
@@ -99,16 +121,17 @@ def check_destination(final: Path) -> None:
                         "choose another --out or --runs-dir.")
 
 
-def load(run_dir) -> tuple[dict, object]:
+def load(run_dir, trust_pickle: bool = False) -> tuple[dict, object]:
     """The run's record and its fitted pipeline (a Keras model for a fine-tuned run); a
-    hand-edited or partial run is an error."""
+    hand-edited, partial or foreign run is an error, and nothing in it runs. A run saved by
+    an older version (head.joblib, a pickle) loads only with `trust_pickle`."""
     run_dir = Path(run_dir)
     record_path = run_dir / "run.json"
     if not record_path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no run.json); pass a folder made by "
                         "python -m classify.")
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads(member(run_dir, "run.json").read_text())
         problem = _record_problem(record)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         problem = f"unreadable: {e}"
@@ -116,16 +139,78 @@ def load(run_dir) -> tuple[dict, object]:
         raise UserError(f"{record_path} is damaged or was edited by hand ({problem}); train the "
                         "head again with python -m classify.")
     if record["head"] == "finetune":  # a fine-tuned full model: images in, probabilities out
-        return record, _load_keras(run_dir / "model.keras")
-    try:
-        pipeline = joblib.load(run_dir / "head.joblib")
-    except Exception as e:  # joblib raises many kinds for a missing or foreign file
-        raise UserError(f"cannot load {run_dir / 'head.joblib'} ({type(e).__name__}); train the "
-                        "head again with python -m classify.") from None
+        return record, _load_keras(member(run_dir, FINETUNED_FILE))
+    if (run_dir / PIPELINE_FILE).exists() or not (run_dir / PICKLE_FILE).exists():
+        pipeline = _load_skops(run_dir)
+    else:
+        pipeline = _load_pickle(member(run_dir, PICKLE_FILE), trust_pickle)
     if len(getattr(pipeline, "classes_", [])) != len(record["classes"]):
-        raise UserError(f"{run_dir}: head.joblib and run.json disagree on the classes; train "
-                        "the head again.")
+        raise UserError(f"{run_dir}: the fitted head and run.json disagree on the classes; "
+                        "train the head again.")
     return record, pipeline
+
+
+def member(run_dir: Path, name: str) -> Path:
+    """The file `name` of a run folder, checked: a plain name whose file (links followed)
+    lies inside the folder."""
+    path = Path(run_dir) / name
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UserError(f"{run_dir}: {name!r} is not a file name of a run folder; train the "
+                        "head again with python -m classify.")
+    try:
+        inside = path.resolve().is_relative_to(Path(run_dir).resolve())
+    except (OSError, RuntimeError):  # a link loop
+        inside = False
+    if not inside:
+        raise UserError(f"{path} points outside its run folder; a run folder's files must lie "
+                        "in it: copy the real file there, or train the head again.")
+    return path
+
+
+def _load_skops(run_dir: Path):
+    """head.skops (and head.keras for a dense head): only the types a run's pipeline has,
+    checked before anything is built."""
+    import skops.io
+
+    from . import heads
+    path = member(run_dir, PIPELINE_FILE)
+    again = "train the head again with python -m classify"
+    try:
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        unexpected = sorted(set(skops.io.get_untrusted_types(file=path))
+                            - set(heads.SKOPS_TYPES))
+        if not unexpected:
+            pipeline = skops.io.load(path, trusted=list(heads.SKOPS_TYPES))
+    except Exception as e:  # skops raises many kinds for a missing, damaged or foreign file
+        raise UserError(f"cannot load {path} ({type(e).__name__}); {again}.") from None
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
+        raise UserError(f"{path} holds types a run never has ({shown}), so it was not loaded: "
+                        f"it was altered or not made by this tool; {again}.")
+    problem = heads.pipeline_problem(pipeline)
+    if problem:
+        raise UserError(f"{path} holds {problem}, not a run's pipeline; {again}.")
+    if heads.needs_keras(pipeline):
+        heads.attach_keras(pipeline, _load_keras(member(run_dir, KERAS_HEAD_FILE),
+                                                 again="train the head again", compile=False))
+    return pipeline
+
+
+def _load_pickle(path: Path, trust: bool):
+    """A run saved by an older version: its pipeline pickled with joblib, which runs any
+    code the file holds, so loaded only when the caller trusts it."""
+    if not trust:
+        raise UserError(f"{path} is a pickle (a run saved by an older version) and loading it "
+                        "could run any code inside; if you trust whoever made this run, pass "
+                        "--trust-pickle (Python: Run.load(path, trust_pickle=True)), else train "
+                        "the head again.")
+    import joblib
+    try:
+        return joblib.load(path)
+    except Exception as e:  # joblib raises many kinds for a missing or foreign file
+        raise UserError(f"cannot load {path} ({type(e).__name__}); train the head again with "
+                        "python -m classify.") from None
 
 
 def _record_problem(record) -> str:
@@ -154,7 +239,8 @@ def _record_problem(record) -> str:
     return ""
 
 
-def _load_keras(path: Path):
+def _load_keras(path: Path, again: str = "run the fine-tune again", compile: bool = True):
+    """A Keras file of a run, in safe mode: a Lambda layer's code is refused, not run."""
     import keras
 
     # The model holds featurize's ImagePreprocessing layer: importing its module registers
@@ -163,11 +249,13 @@ def _load_keras(path: Path):
     custom = {"featurize>ImagePreprocessing": ImagePreprocessing,
               "ImagePreprocessing": ImagePreprocessing}  # a model saved before registration
     try:
-        return keras.saving.load_model(path, custom_objects=custom)
+        if not path.is_file():  # a folder would be read as another format
+            raise FileNotFoundError(f"no file {path.name}")
+        return keras.saving.load_model(path, custom_objects=custom, compile=compile,
+                                       safe_mode=True)
     except Exception as e:  # Keras raises many kinds for a missing or foreign file
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise UserError(f"cannot load {path} ({type(e).__name__}: {first}); run the fine-tune "
-                        "again.") from None
+        raise UserError(f"cannot load {path} ({type(e).__name__}: {first}); {again}.") from None
 
 
 def table(base=DEFAULT_DIR) -> str:
@@ -263,7 +351,7 @@ class Run:
         if self._split is None:
             where = self.path / "split.json" if self.path else "the run"
             try:
-                self._split = json.loads((self.path / "split.json").read_text())
+                self._split = json.loads(member(self.path, "split.json").read_text())
             except (OSError, ValueError, TypeError):
                 raise UserError(f"{where} is missing or damaged; train the head again with "
                                 "python -m classify.") from None
@@ -284,18 +372,25 @@ class Run:
         return saved
 
     def _copy_files(self, writer: RunWriter) -> None:
+        """The loaded run's files; a run loaded from a pickle gets head.skops instead."""
         for item in sorted(self.path.iterdir()):
-            if item.is_file():
+            if item.is_file() and item.name != PICKLE_FILE:
                 shutil.copy2(item, writer.path(item.name))
+        if self.head != "finetune" and not writer.path(PIPELINE_FILE).is_file():
+            writer.model(self.pipeline)
 
     @classmethod
-    def load(cls, directory) -> "Run":
+    def load(cls, directory, trust_pickle: bool = False) -> "Run":
         """A run folder made by `python -m classify`, `classify.train(save_to=...)` or a
-        fine-tune; a hand-edited or partial one is a UserError."""
-        record, pipeline = load(directory)
-        report = Path(directory) / "report.txt"
+        fine-tune; a hand-edited, partial or foreign one is a UserError, and nothing in it
+        runs. A run saved by an older version (head.joblib, a pickle, which can run any code)
+        loads only with `trust_pickle=True`: do that only for runs you trust; `save` then
+        writes it in the safe format."""
+        record, pipeline = load(directory, trust_pickle)
+        report = member(Path(directory), "report.txt")
         text = report.read_text() if report.is_file() else ""
-        from .openset import load as load_rejector
+        from .openset import FILE, load as load_rejector
+        member(Path(directory), FILE)  # read if the run is an --open-set one
         return cls(record, pipeline, directory, report_text=text,
                    rejector=load_rejector(directory, record))
 

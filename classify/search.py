@@ -9,8 +9,12 @@ named by a key of the cache's content (its settings, shard files and the runs of
 all in the small index file: no embedding is read to compute it) and of the index's
 parameters. Every commit that changes a row changes the key, so a stale index is never used;
 an index is written under a temporary name and renamed into place, and the index files of
-older keys are removed then. `EXACT_MAX_ROWS` and the library were chosen by
-`benchmarks/search.py` (see the README's "Gallery search").
+older keys are removed then. A file found there is data, not trusted: it is used only when
+its record (`ivfflat-<key>.json`: the key, the row count, the file's SHA-256) matches and a
+few stored rows, picked at random, find themselves first in it; otherwise it is built again
+with a warning. Only the names this module makes are ever removed or replaced.
+`EXACT_MAX_ROWS` and the library were chosen by `benchmarks/search.py` (see the README's
+"Gallery search").
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +45,14 @@ NPROBE = 64  # lists scanned per query: recall@10 0.984 on LFW, 1.0 on 1M synthe
 INDEX_LIBRARY = "faiss-cpu"  # the package; the module is `faiss`
 INSTALL_HINT = "pip install 'featurize-embeddings[search]'"
 METHODS = ("auto", "exact", "approximate")
+# A stored index proves it is the cache's: a record beside it and a self-check of a few rows.
+RECORD_FORMAT = "classify-search-index/1"
+RECORD_MAX_BYTES = 1 << 16  # a record is a few hundred bytes; anything larger is not ours
+INDEX_FILE_NAME = re.compile(r"ivfflat-[0-9a-f]{16}\.(faiss|json)")  # the only names removed
+SELF_CHECK_ROWS = 4  # stored rows that must find themselves in a stored index before it is used
+SELF_CHECK_K = 16  # neighbours looked at (identical rows tie at distance 0)
+SELF_CHECK_NPROBE = 16  # lists scanned by the self-check (its own list comes first)
+SELF_MATCH_DISTANCE = 1e-4  # a unit row's cosine distance to itself, float32 rounding included
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,7 @@ class Gallery:
         self.key = None
         self._extractor = None
         self._log = log or (lambda message: None)  # e.g. "building the index" (CLI: stderr)
+        self._warn = log or _warning  # e.g. a stored index that is not this cache's
         self._refresh()
 
     def _refresh(self) -> None:
@@ -201,8 +216,10 @@ class Gallery:
     def _approximate(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._index is None:
             self._index, self.index_path, self.built = load_or_build_index(
-                self.path, self.key, self.rows, self.dim, self._log)
-        return ivf_search(self._index, Q, k, self.options.nprobe)
+                self.path, self.key, self.rows, self.dim, self._log, self._warn)
+        rows, distances = ivf_search(self._index, Q, k, self.options.nprobe)
+        rows[rows >= self.rows] = -1  # never a row the cache does not have
+        return rows, distances
 
 
 # --- exact search ------------------------------------------------------------------------------
@@ -285,41 +302,139 @@ def index_dir(path) -> Path:
     return path.with_name(path.name + ".search")
 
 
-def load_or_build_index(path: Path, key: str, rows: int, dim: int, log=print):
-    """(index, its file, whether it was built now): the stored index of this content key
-    (memory-mapped: a call reads only the lists it scans), or a new one, built from the
-    cache's rows and renamed into place when complete."""
-    import faiss
+def load_or_build_index(path: Path, key: str, rows: int, dim: int, log=print, warn=None):
+    """(index, its file or None, whether it was built now): the stored index of this content
+    key when it proves to be this cache's (its record beside it names the key, the row count
+    and the file's SHA-256, and a few stored rows find themselves first), memory-mapped (a
+    call reads only the lists it scans); else a new one, built from the cache's rows and
+    renamed into place when complete, with `warn` saying why a stored one was not used."""
     folder = index_dir(path)
     target = folder / f"ivfflat-{key}.faiss"
-    if target.is_file():
-        try:
-            index = faiss.read_index(str(target), faiss.IO_FLAG_MMAP)
-            if index.ntotal <= rows and index.d == dim:  # rows with NaN are left out
-                return index, target, False
-        except RuntimeError:  # unreadable (cut short, damaged): built again below
-            pass
+    if target.exists() or target.is_symlink():
+        index, problem = _stored_index(path, target, key, rows, dim)
+        if index is not None:
+            return index, target, False
+        (warn or log)(f"not using the search index {target}: {problem}; building it again")
     log(f"building the search index of {rows:,} rows once ({INDEX_LIBRARY}; kept in "
         f"{folder}, used until the cache changes)")
     index = _build(path, rows, dim)
-    # A name no other writer uses; faiss creates the file (mode as umask says, not 0600).
-    tmp = str(folder / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    kept = _store(index, target, key, rows, log)
+    if kept is not None:
+        _remove_older(folder, {target.name, _record_path(target).name})
+    return index, kept, True
+
+
+def _record_path(target: Path) -> Path:
+    """The record that proves which cache an index file belongs to, beside it."""
+    return target.with_suffix(".json")
+
+
+def _stored_index(path: Path, target: Path, key: str, rows: int, dim: int):
+    """(the stored index, "") when it is this cache's, else (None, why not). Anything in the
+    folder may have been put there by someone else: nothing is trusted until checked."""
+    import faiss
+    if target.is_symlink() or not target.is_file():
+        return None, "it is not a regular file"
+    record = _read_record(_record_path(target))
+    if record is None:
+        return None, f"no valid record {_record_path(target).name} beside it"
+    if record.get("cache_key") != key or record.get("rows") != rows:
+        return None, "its record describes other cache content"
+    try:
+        digest = _sha256(target)
+    except OSError as e:
+        return None, f"it cannot be read ({e.strerror or e})"
+    if record.get("sha256") != digest:
+        return None, "its SHA-256 digest does not match its record (changed since it was built)"
+    try:
+        index = faiss.read_index(str(target), faiss.IO_FLAG_MMAP)
+    except RuntimeError:  # unreadable (cut short, damaged)
+        return None, "faiss cannot read it"
+    problem = _self_check(index, path, rows, dim)
+    return (None, problem) if problem else (index, "")
+
+
+def _read_record(record: Path) -> dict | None:
+    """The record written by `_store`, or None for anything else (missing, a link, too big,
+    not this format)."""
+    try:
+        if record.is_symlink() or not record.is_file() or record.stat().st_size > RECORD_MAX_BYTES:
+            return None
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == RECORD_FORMAT else None
+
+
+def _self_check(index, path: Path, rows: int, dim: int) -> str:
+    """"" when a few of the cache's rows, picked at random, each find themselves first at
+    distance ~0 in `index` (an index of other rows cannot); else what is wrong."""
+    import faiss
+    if (not isinstance(index, faiss.IndexIVFFlat) or index.d != dim or not index.is_trained
+            or index.metric_type != faiss.METRIC_INNER_PRODUCT or not 0 < index.ntotal <= rows):
+        return "it is not an inner-product IVF index of this cache's rows"
+    picked = np.random.default_rng().choice(rows, min(rows, 2 * SELF_CHECK_ROWS), replace=False)
+    with cache_io.schema._open(path) as f:
+        ds = f["embeddings"]
+        X = np.concatenate([_read_block(path, ds, int(r), int(r) + 1) for r in picked])
+    usable = np.isfinite(X).all(axis=1) & (np.abs(X).sum(axis=1) > 0)  # stored, not all zero
+    picked, X = picked[usable][:SELF_CHECK_ROWS], X[usable][:SELF_CHECK_ROWS]
+    if not len(picked):
+        return ""
+    index.nprobe = min(SELF_CHECK_NPROBE, index.nlist)
+    sim, found = index.search(np.ascontiguousarray(X), min(SELF_CHECK_K, index.ntotal))
+    for row, s, ids in zip(picked.tolist(), 1.0 - sim, found):
+        # Identical rows tie at distance 0: the row may then be beyond the k found.
+        if s[0] > SELF_MATCH_DISTANCE or (row not in ids and s[-1] > SELF_MATCH_DISTANCE):
+            return f"row {row} of the cache does not find itself first in it"
+    return ""
+
+
+def _store(index, target: Path, key: str, rows: int, log) -> Path | None:
+    """Write `index` as `target` and its record beside it, each under a temporary name
+    renamed into place; None (the index is used for this search only) when the folder
+    cannot be written."""
+    import faiss
+    folder = target.parent
+    # Names no other writer uses; faiss creates the file (mode as umask says, not 0600).
+    stamp = f"{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    tmp, tmp_record = folder / f".{target.name}.{stamp}", folder / f".{target.stem}.json.{stamp}"
     try:
         folder.mkdir(exist_ok=True)
-        faiss.write_index(index, tmp)
-        cache_io.fsync_replace(Path(tmp), target)
+        faiss.write_index(index, str(tmp))
+        record = {"format": RECORD_FORMAT, "cache_key": key, "rows": rows,
+                  "ntotal": int(index.ntotal), "dim": int(index.d), "sha256": _sha256(tmp)}
+        tmp_record.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        cache_io.fsync_replace(tmp, target)
+        cache_io.fsync_replace(tmp_record, _record_path(target))
     except (OSError, RuntimeError) as e:  # a read-only or full disk: search all the same
         log(f"cannot keep the index in {folder} ({getattr(e, 'strerror', None) or e}); "
             "it is used for this search only")
-        return index, None, True
+        return None
     finally:
-        with contextlib.suppress(OSError):
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    for old in folder.glob("ivfflat-*.faiss"):  # older contents: never used again
-        if old != target:
-            old.unlink(missing_ok=True)
-    return index, target, True
+        for name in (tmp, tmp_record):
+            with contextlib.suppress(OSError):
+                name.unlink(missing_ok=True)
+    return target
+
+
+def _remove_older(folder: Path, keep: set) -> None:
+    """Remove the index files and records of older contents: only names this module makes
+    (`ivfflat-<key>.faiss` / `.json`), only in `folder`, never a folder."""
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if (INDEX_FILE_NAME.fullmatch(entry.name) and entry.name not in keep
+                    and (entry.is_symlink() or entry.is_file(follow_symlinks=False))):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, entry.name))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _build(path: Path, rows: int, dim: int):
@@ -360,6 +475,15 @@ def ivf_search(index, Q: np.ndarray, k: int, nprobe: int = NPROBE):
         index.nprobe = index.nlist
         sim[short], rows[short] = index.search(np.ascontiguousarray(Q[short]), k)
     return rows.astype(np.int64), np.maximum(1.0 - sim, 0).astype(np.float32)
+
+
+class SearchIndexWarning(UserWarning):
+    """A stored search index was not used (not this cache's, changed or damaged): it is
+    built again."""
+
+
+def _warning(message: str) -> None:
+    warnings.warn(message, SearchIndexWarning, stacklevel=5)
 
 
 def _faiss_installed() -> bool:

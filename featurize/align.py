@@ -48,12 +48,9 @@ def check_align(align, spec) -> None:
 
 
 def require_dlib() -> None:
-    try:
-        import dlib  # noqa: F401
-        import face_recognition_models  # noqa: F401
-    except ImportError:
-        raise UserError("--align dlib needs dlib and its models: pip install -e '.[dlib]' "
-                        "(dlib-bin, face-recognition-models).") from None
+    """dlib imports and the model files --align dlib reads are there (a UserError if not)."""
+    from .dlib_backbone import check_installed
+    check_installed("--align dlib", kinds=("five_point", "cnn"))
 
 
 @dataclass(frozen=True)

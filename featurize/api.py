@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from .errors import UserError, check_range
 from .extractor import EmbedderConfig, EmbeddingSettings, Extractor, default_batch_size
 from .images import ImageError
 from .run import MAX_BATCH_SIZE
-from .runtimes import build_extractor, check_runtime
+from .runtimes import build_extractor, check_runtime, settle
 
 _SERIAL = threading.Lock()  # for families whose extractors are not thread-safe (dlib)
 PER_IMAGE_BATCH = 32  # a family that works per image has no accelerator to fill
@@ -57,6 +58,7 @@ class Embedder:
         self.runtime = check_runtime(runtime)  # None: the fastest faithful one installed
         self.config = config
         self.settings, self.resolved_weights = config.settings()
+        self.settings = settle(self.settings, self.runtime)  # mixed: bfloat16 on OpenVINO
         self._extractor = None
         self._building = threading.Lock()
 
@@ -203,6 +205,8 @@ def embed_folder(source, embedder_or_settings=None, cache=None, progress=True,
     summary = featurize(source, run_options, embedder=embedder)
     if summary.interrupted:  # what was done is committed: calling again resumes
         raise KeyboardInterrupt
+    if summary.degenerate:
+        warnings.warn(summary.degenerate, RuntimeWarning, stacklevel=2)
     opened = open_cache(summary.path)
     opened.summary = summary
     return opened
@@ -227,8 +231,9 @@ def compact_cache(path, everything: bool = False) -> dict:
 
 
 def export_cache(path, out, format: str = "parquet", rows_per_file: int | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, normalize: bool = False):
     """Write a cache for vector-search tools (parquet, or npy + parquet metadata), as
-    `python -m featurize export` does; see featurize.export."""
+    `python -m featurize export` does; `normalize`: rows at unit L2 length, as --normalize
+    (inner product is then cosine similarity). See featurize.export."""
     from .export import export
-    return export(path, out, format, rows_per_file, overwrite)
+    return export(path, out, format, rows_per_file, overwrite, normalize=normalize)

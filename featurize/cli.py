@@ -23,7 +23,7 @@ def _default(options, name: str):
 
 def _parser() -> ArgumentParser:
     from .align import ALIGNS
-    from .extractor import POOLS, PRECISIONS, RESIZES, EmbedderConfig as E
+    from .extractor import POOLS, PRECISIONS, RESIZES, TTA_PRESETS, EmbedderConfig as E
     from .run import RunOptions as R
     from .runtimes import RUNTIMES
     p = ArgumentParser(
@@ -55,7 +55,14 @@ def _parser() -> ArgumentParser:
                         "'featurize-embeddings[openvino]' or [onnx]); default: keras on a GPU, "
                         "else openvino, else onnx, whichever is installed")
     p.add_argument("--jitter", type=int, default=_default(E, "jitter"),
-                   help="dlib-resnet: jittered descriptors")
+                   help="dlib-resnet: average the chip's descriptor with those of N jittered "
+                        "copies (seeded per image: the same embedding on every run); N+1 "
+                        "network passes per face")
+    p.add_argument("--tta", choices=tuple(TTA_PRESETS), default=_default(E, "tta"),
+                   help="dlib-resnet: 'fast' (the default, no jitter) or 'accurate' (--jitter "
+                        f"{TTA_PRESETS['accurate']}, the cheapest jitter as accurate on LFW as "
+                        f"the best measured: {TTA_PRESETS['accurate'] + 1} network passes per "
+                        "face; its own cache)")
     p.add_argument("--align", choices=ALIGNS, default=_default(E, "align"),
                    help="face models: 'dlib' finds the face (dlib's HOG detector, 5 landmarks) "
                         "and cuts the crop the backbone was trained on (its preset: see "
@@ -93,6 +100,10 @@ def _run_arguments(p: ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-backbones", action="store_true", help="list backbones and exit")
+    p.add_argument("--doctor", action="store_true",
+                   help="print the backend, devices, runtime, precision, batch size and "
+                        "workers a run with these options would use here, and why; embeds "
+                        "nothing")
 
 
 def _verify_parser() -> ArgumentParser:
@@ -214,6 +225,10 @@ def _main(argv) -> int:
     if args.list_backbones:
         print(list_backbones())
         return 0
+    if args.doctor:
+        from .doctor import report
+        print(report(options_from(args)))
+        return 0
     if not args.source:
         _parser().error("give a folder of images (or --list-backbones, or verify CACHE)")
     return _featurize(args)
@@ -226,7 +241,7 @@ def options_from(args):
     embedding = EmbedderConfig(
         backbone=args.backbone, weights=args.weights, layer=args.layer, pool=args.pool,
         input_size=args.input_size, crop=args.crop, flip=args.flip, precision=args.precision,
-        jitter=args.jitter, resize=args.resize, align=args.align)
+        jitter=args.jitter, resize=args.resize, align=args.align, tta=args.tta)
     run = RunOptions(batch_size=args.batch_size, workers=args.workers,
                      flush_rows=args.checkpoint_rows, check=args.check,
                      progress=not args.quiet, out=args.out, cache_dir=args.cache_dir,
@@ -236,8 +251,12 @@ def options_from(args):
 
 
 def _featurize(args) -> int:
+    from .extractor import jitter_cost_line
     from .run import featurize
-    s = featurize(args.source, options_from(args))
+    options = options_from(args)
+    if cost := jitter_cost_line(options.embedding):
+        print(cost, flush=True)  # before the run: what --jitter/--tta will cost
+    s = featurize(args.source, options)
     for note in s.notes:
         print(f"warning: {note}", file=sys.stderr)
     for key, reason in list(s.failed.items())[:10]:
@@ -250,7 +269,9 @@ def _featurize(args) -> int:
     print(f"{state}: {s.total} images, {s.embedded} embedded, {s.reused} already cached, "
           f"{s.failed_total} failed ({s.seconds:.1f} s)")
     print(f"cache: {s.path}" if s.committed else "cache: none written yet (nothing embedded)")
-    if s.committed and args.precision == "int8":
+    if s.degenerate:
+        print(f"warning: {s.degenerate}", file=sys.stderr)
+    if s.committed and args.precision in ("int8", "mixed"):
         from .runtimes.int8 import report_lines
         print(*report_lines(cache.read_attrs(s.path)), sep="\n")
     if s.interrupted:

@@ -21,7 +21,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from .errors import UserError
-from .extractor import build_extractor, make_settings
+from .extractor import make_settings
+from .runtimes import build_extractor
 from .images import Item
 from .pipeline import batches
 
@@ -109,7 +110,8 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
     def _get_extractor(self):
         extractor = self.__dict__.get("_extractor")
         if extractor is None:
-            extractor = self._extractor = build_extractor(self.settings_, self.weights_)
+            extractor = self._extractor = build_extractor(self.settings_, self.weights_,
+                                                          _cache_runtime(self.cache))
         return extractor
 
     # The Keras model is not pickled: a copy (a saved pipeline, a worker of GridSearchCV's
@@ -162,6 +164,16 @@ def _check_exist(paths: list[str]) -> None:
 def _fingerprint(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def _cache_runtime(path) -> str:
+    """The runtime that made the cache at `path` (its rows and ours then come from the same
+    engine), where installed; Keras without a cache."""
+    from . import cache, runtimes
+    if path is None:
+        return "keras"
+    recorded = cache.read_attrs(path, option="cache").get("runtime")
+    return recorded if recorded in runtimes.REQUIRES and runtimes.installed(recorded) else "keras"
 
 
 def _check_cache_settings(path, settings) -> dict:

@@ -11,12 +11,30 @@ vector-search tools read (embedding-reader, autofaiss, clip-retrieval's index).
                    autofaiss `build_index(OUT/img_emb)` reads the .npy files alone.
 
 Both: rows in the cache's order, in files of --rows-per-file rows; the provenance (the cache's
-attributes: settings, backbone, weights, versions, dataset...) as JSON under the key
-`featurize` of every parquet file's key-value metadata, and in OUT/featurize_export.json.
+attributes: settings, backbone, weights, versions, dataset...) and `normalized` as JSON under
+the key `featurize` of every parquet file's key-value metadata. A parquet OUT holds its part
+files and nothing else, so every reader takes the bare folder as one table:
+pd.read_parquet(OUT), pyarrow.dataset.dataset(OUT), pl.read_parquet(OUT) and DuckDB's
+read_parquet('OUT/**'). The npy layout also has OUT/_featurize_export.json (a summary: format,
+rows, dim, normalized, files, provenance), which its readers, pointed at OUT/img_emb and
+OUT/metadata, never see; `sidecar(OUT)` gives that summary for both layouts (for parquet, from
+the part files' metadata). Parquet has no fixed-size list type: `embedding` reads back as
+fixed_size_list<float32>[D] in Arrow readers (pyarrow, pandas, polars' Array) and as FLOAT[] in
+DuckDB's read_parquet, which takes `embedding::FLOAT[D]` for array_cosine_similarity and its
+other array_* functions. --normalize writes every row scaled to unit L2 length (a zero row
+stays zero): inner product is then cosine similarity, what autofaiss/faiss's inner-product
+indexes need to rank like `classify search`.
 Readers sort file names as text, so the numbers in them are zero-padded to one width.
 
 The export is written in OUT.tmp-<pid> and renamed to OUT when complete: OUT is either absent
-or whole. Parquet (also the metadata of the npy layout) needs pyarrow: the `parquet` extra.
+or whole; an earlier export there (--overwrite: a folder of nothing but part-N.parquet files,
+each with the `featurize` metadata, or one with export's summary file, as npy and older
+exports have) is moved to OUT.old-<pid> first, then deleted.
+Those two folders carry a marker written by export before anything else (naming the folder,
+the host and the process): an OUT.tmp-*/OUT.old-* folder left by a killed export is removed
+by the next export to OUT only with that marker and its process gone; any other folder, such
+as a user's `faces.old-2023`, is never touched. Parquet (also the metadata of the npy layout)
+needs pyarrow: the `parquet` extra.
 """
 
 from __future__ import annotations
@@ -25,7 +43,9 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +55,10 @@ import numpy as np
 from .errors import ArgumentParser, UserError, check_range
 
 FORMATS = ("parquet", "npy")
-MARKER = "featurize_export.json"  # in every export; --overwrite replaces only such folders
+SIDECAR = "_featurize_export.json"  # the npy layout's summary (parquet's, before)
+LEGACY_SIDECARS = ("featurize_export.json",)  # its name in older exports
+PART = re.compile(r"part-[0-9]+\.parquet")  # a parquet export's files: its whole folder
+LEFTOVER = "_featurize_export.partial"  # in OUT.tmp-<pid> and OUT.old-<pid> while export runs
 METADATA_KEY = b"featurize"
 FILE_BYTES = 256 << 20  # default file size: embedding-reader reads ~50 MB pieces of a file
 INSTALL = "pip install 'featurize-embeddings[parquet]'"
@@ -50,6 +73,7 @@ class Export:
     rows: int
     dim: int
     files: list[dict]
+    normalized: bool = False  # rows written at unit L2 length (--normalize)
     notes: list[str] = field(default_factory=list)  # warnings, for the caller to show
 
 
@@ -58,35 +82,46 @@ def _parser() -> ArgumentParser:
         prog="python -m featurize export",
         description="Write a cache's embeddings, paths and labels in the files vector-search "
                     "tools read (embedding-reader, autofaiss, clip-retrieval).",
-        epilog="parquet: OUT/part-N.parquet with path, label, embedding (a fixed-size list). "
-               "npy: OUT/img_emb/img_emb_N.npy with OUT/metadata/metadata_N.parquet (path, "
-               "label), row for row. Provenance in each parquet file's metadata and in "
-               f"OUT/{MARKER}.")
+        epilog="parquet: OUT holds only OUT/part-N.parquet (path, label, embedding: a "
+               "fixed-size list), so pandas, pyarrow, polars and DuckDB (read_parquet("
+               "'OUT/**'); it reads embedding as FLOAT[]: cast with embedding::FLOAT[D] for "
+               "array_cosine_similarity) read the folder as one table. npy: "
+               "OUT/img_emb/img_emb_N.npy with OUT/metadata/metadata_N.parquet (path, label), "
+               "row for row, and the summary OUT/_featurize_export.json. Provenance in every "
+               "parquet file's metadata (key `featurize`).")
     p.add_argument("cache", metavar="CACHE", help="a cache file made by python -m featurize")
     p.add_argument("out", metavar="OUT", help="the folder to write (new or empty)")
     p.add_argument("--format", choices=FORMATS, default="parquet", help="default: %(default)s")
     p.add_argument("--rows-per-file", type=int, metavar="N",
                    help="rows in each file (default: about 256 MB of embeddings per file)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier export in OUT (only a folder made by this command)")
+                   help="replace an earlier export in OUT (only a folder this command made: "
+                        "its part files, or its summary file)")
+    p.add_argument("--normalize", action="store_true",
+                   help="write each embedding scaled to unit L2 length, for inner-product "
+                        "indexes (autofaiss, faiss IndexFlatIP): their scores are then cosine "
+                        "similarities")
     return p
 
 
 def main(argv) -> int:
     """The `export` subcommand; errors are UserErrors (one line, exit 2, by the CLI)."""
     args = _parser().parse_args(argv)
-    done = export(args.cache, args.out, args.format, args.rows_per_file, args.overwrite)
+    done = export(args.cache, args.out, args.format, args.rows_per_file, args.overwrite,
+                  normalize=args.normalize)
     for note in done.notes:
         print(f"warning: {note}", file=sys.stderr)
-    print(f"exported {done.rows} rows of {done.dim}-D float32 embeddings in "
+    unit = " unit-length" if done.normalized else ""
+    print(f"exported {done.rows} rows of {done.dim}-D{unit} float32 embeddings in "
           f"{len(done.files)} {done.format} file(s) to {done.out}")
     return 0
 
 
 def export(cache_path, out, fmt: str = "parquet", rows_per_file: int | None = None,
-           overwrite: bool = False) -> Export:
+           overwrite: bool = False, normalize: bool = False) -> Export:
     """Write the cache at `cache_path` to the folder `out` in format `fmt` (see the module's
-    doc). Every mistake is found before anything is written."""
+    doc); `normalize`: rows at unit L2 length. Every mistake is found before anything is
+    written."""
     from . import cache
 
     if fmt not in FORMATS:
@@ -100,18 +135,19 @@ def export(cache_path, out, fmt: str = "parquet", rows_per_file: int | None = No
                         "run python -m featurize on its dataset first.")
     notes = [] if c.complete else [f"cache {cache_path} is incomplete ({c.pending} images "
                                    "pending): exported the rows it has"]
+    if normalize:
+        c.embeddings = unit_rows(c.X)
     rows = rows_per_file or max(1, FILE_BYTES // (4 * c.X.shape[1]))
-    meta = provenance(c)
+    meta = {**provenance(c), "normalized": bool(normalize)}
     target = Path(os.path.abspath(out))  # a name to rename, even for "." or "dir/"
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     _remove_stale(target)
+    _claim(tmp)
     try:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by this process's own earlier call
-        tmp.mkdir(parents=True)
         files = (_write_parquet if fmt == "parquet" else _write_npy)(c, tmp, rows, meta)
-        summary = {"format": fmt, "rows": len(c.paths), "dim": int(c.X.shape[1]),
-                   "files": files, "provenance": meta}
-        (tmp / MARKER).write_text(json.dumps(summary, indent=1) + "\n")
+        if fmt == "npy":  # parquet's folder stays bare: its files carry the summary
+            summary = _summary(fmt, files, int(c.X.shape[1]), meta)
+            (tmp / SIDECAR).write_text(json.dumps(summary, indent=1) + "\n")
         _sync(tmp)
         _publish(tmp, target)
     except OSError as e:
@@ -123,7 +159,15 @@ def export(cache_path, out, fmt: str = "parquet", rows_per_file: int | None = No
     except BaseException:  # Ctrl-C or SIGTERM: no half export left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Export(Path(out), fmt, len(c.paths), int(c.X.shape[1]), files, notes)
+    return Export(Path(out), fmt, len(c.paths), int(c.X.shape[1]), files, bool(normalize),
+                  notes)
+
+
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to L2 length 1, in float32; a zero row stays zero."""
+    X = np.asarray(X, np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))[:, None]
+    return (X / np.where(norms > 0, norms, 1)).astype(np.float32)
 
 
 def _require_pyarrow(fmt: str):
@@ -145,10 +189,71 @@ def _check_out(out: Path, overwrite: bool):
     if not overwrite:
         raise UserError(f"OUT {out} is not empty; choose a new or empty folder, or add "
                         "--overwrite to replace an earlier export there.")
-    if not (out / MARKER).is_file():
-        raise UserError(f"OUT {out} is not empty and is not an export (no {MARKER} in it); "
+    if not is_export(out):
+        raise UserError(f"OUT {out} is not empty and is not an export (neither only "
+                        f"part-N.parquet files written by export nor a {SIDECAR}); "
                         "--overwrite only replaces earlier exports: choose a new or empty "
                         "folder.")
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is an export: a summary file (npy layout, older exports) or nothing but
+    part-N.parquet files, each with export's `featurize` metadata (a parquet export)."""
+    folder = Path(folder)
+    if any((folder / name).is_file() for name in (SIDECAR, *LEGACY_SIDECARS)):
+        return True
+    return _parts(folder) is not None
+
+
+def sidecar(folder) -> dict:
+    """The summary of the export in `folder` (format, rows, dim, normalized, files,
+    provenance): an npy (or older) export's summary file, or rebuilt from a parquet export's
+    part files (their footers: rows, dim and the `featurize` metadata)."""
+    folder = Path(folder)
+    for name in (SIDECAR, *LEGACY_SIDECARS):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    parts = _parts(folder)
+    if parts is None:
+        raise UserError(f"{folder} is not an export of python -m featurize export (neither "
+                        f"its part-N.parquet files nor a {SIDECAR}); give the folder that "
+                        "command wrote.")
+    files = [{"file": name, "rows": rows} for name, rows, _, _ in parts]
+    return _summary("parquet", files, parts[0][2], parts[0][3])
+
+
+def _summary(fmt: str, files: list[dict], dim: int, meta: dict) -> dict:
+    return {"format": fmt, "rows": sum(f["rows"] for f in files), "dim": dim,
+            "normalized": bool(meta.get("normalized", False)), "files": files,
+            "provenance": meta}
+
+
+def _parts(folder: Path) -> list[tuple] | None:
+    """(name, rows, dim, provenance) of each part file, in name order, when `folder` holds
+    part-N.parquet files and nothing else (but a leftover marker), each with export's
+    `featurize` metadata (read from its footer); None otherwise: not ours."""
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.name != LEFTOVER)
+    except OSError:
+        return None
+    if not names or not all(PART.fullmatch(n) and (folder / n).is_file() for n in names):
+        return None
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None  # no reader: export itself asks for pyarrow first
+    parts = []
+    for name in names:
+        try:
+            with pq.ParquetFile(folder / name) as f:
+                meta = json.loads((f.schema_arrow.metadata or {})[METADATA_KEY])
+                dim = f.schema_arrow.field("embedding").type.list_size
+                parts.append((name, f.metadata.num_rows, int(dim), meta))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            return None  # unreadable, no `featurize` key or no fixed-size embedding column
+        if not isinstance(meta, dict):
+            return None
+    return parts
 
 
 def provenance(c) -> dict:
@@ -244,23 +349,77 @@ def _sync(folder: Path):
 
 
 def _publish(tmp: Path, out: Path):
-    """Rename the finished export to OUT; an earlier export there is moved aside first,
-    then deleted (rename replaces only an empty folder)."""
+    """Rename the finished export to OUT; an earlier export there is moved aside first (to a
+    marked folder), then deleted (rename replaces only an empty folder)."""
     if out.is_dir() and any(out.iterdir()):
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        if old.exists() or old.is_symlink():
+            raise UserError(f"{old} exists and export did not make it; move it away, then "
+                            "run the export again.")
+        _mark(out, old.name)  # out is an earlier export (_check_out): ours to mark
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    (out / LEFTOVER).unlink(missing_ok=True)
+
+
+def _mark(folder: Path, name: str):
+    """The marker that makes a folder export's own leftover: it names the folder it is for
+    (`name`), the host and this process; written and synced before anything else."""
+    marker = folder / LEFTOVER
+    marker.write_text(json.dumps({"folder": name, "host": socket.gethostname(),
+                                  "pid": os.getpid()}) + "\n")
+    fd = os.open(marker, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _marked_by(folder: Path) -> int | None:
+    """The process of this host that made the leftover `folder` (its marker names the folder
+    by its present name), or None: a folder export did not make, never touched."""
+    try:
+        if folder.is_symlink() or not folder.is_dir():
+            return None
+        mark = json.loads((folder / LEFTOVER).read_text())
+        if (mark.get("folder") == folder.name and mark.get("host") == socket.gethostname()
+                and isinstance(mark.get("pid"), int)):
+            return mark["pid"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def _claim(tmp: Path):
+    """Make the temporary folder OUT.tmp-<pid>, marked first thing; one this process left
+    (an earlier call) is removed, a folder of that name export did not make is an error."""
+    if tmp.exists() or tmp.is_symlink():
+        if _marked_by(tmp) != os.getpid():
+            raise UserError(f"{tmp} exists and export did not make it; move it away, then run "
+                            "the export again.")
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        _mark(tmp, tmp.name)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the export {tmp.parent / tmp.name.rpartition('.tmp-')[0]} "
+                        f"({e.strerror or e}); choose a writable folder as OUT. Nothing was "
+                        "written to OUT.") from None
 
 
 def _remove_stale(out: Path):
-    """Folders left by exports to OUT that were killed (SIGKILL, power loss): their process
-    is gone. A live export's folder is left alone."""
+    """Folders left by exports to OUT that were killed (SIGKILL, power loss): marked by export
+    itself, on this host, their process gone. Anything else is left alone."""
     for leftover in out.parent.glob(f"{glob.escape(out.name)}.*-*"):
         kind, _, pid = leftover.name[len(out.name) + 1:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit():
+            continue
+        owner = _marked_by(leftover)
+        if owner is not None and owner == int(pid) and not _alive(owner):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

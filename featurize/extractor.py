@@ -45,6 +45,10 @@ RESIZE = "pil-bilinear"  # part of the key: a different resize gives different e
 DEVICE_RESIZE = "device-bilinear-{}x{}"  # antialiased bilinear in the model, from (h, w)
 MAX_INPUT_SIZE = 2048  # a larger side is a typo, or a batch that does not fit in memory
 MAX_JITTER = 1000  # dlib computes every jittered copy: 1000 is already 1000x the time
+# --tta: named --jitter choices for dlib-resnet (benchmarks/jitter_curve.py measured them on
+# LFW View 1). "accurate" is the cheapest jitter count whose accuracy matches the best measured
+# within noise; it is a shorthand for --jitter N, and shares that cache.
+TTA_PRESETS = {"fast": 0, "accurate": 4}
 
 
 @dataclass(frozen=True)
@@ -64,16 +68,29 @@ class EmbeddingSettings:
     jitter: int  # dlib only
     resize: str = RESIZE
     align: str = "none"  # --align preset (featurize.align); "none" is left out of the key
+    # How --jitter N jitters (featurize.dlib_backbone): "seeded" (pass i of an image depends
+    # only on its chip and i); "" for no jitter, and for caches made before, whose --jitter
+    # was dlib's unseeded one. Left out of the key when "": those caches keep their keys.
+    jitter_scheme: str = ""
+    # What computed a reduced precision when it is not Keras: "openvino-bf16" (--precision
+    # mixed on a CPU with native bfloat16, featurize.runtimes.settle); "" for Keras (and for
+    # every other precision). Left out of the key and the JSON when "": caches keep their keys.
+    precision_engine: str = ""
 
     def key(self) -> str:
         fields = asdict(self)
-        if fields["align"] == "none":  # caches made before --align existed keep their keys
-            del fields["align"]
+        for name in _KEYLESS_DEFAULTS:  # caches made before these keep their keys
+            if fields[name] == _KEYLESS_DEFAULTS[name]:
+                del fields[name]
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        for name in ("jitter_scheme", "precision_engine"):  # JSON recorded before they were
+            if not fields[name]:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> EmbeddingSettings:
@@ -119,10 +136,12 @@ class EmbedderConfig:
     resize: str = "cpu"
     source_size: tuple[int, int] | None = None
     align: str | None = None  # "none" or "dlib" (featurize.align); None: "none"
+    tta: str | None = None  # dlib-resnet: a TTA_PRESETS name, instead of --jitter N
 
     def __post_init__(self):
         spec = get_backbone(self.backbone)
         _check_align(spec, self)
+        _apply_tta(spec, self)
         _check_input_size(spec, self.input_size)
         check_range("--crop", self.crop, kind=float)
         if self.crop is not None and not 0 < self.crop <= 1:
@@ -159,6 +178,7 @@ class EmbedderConfig:
             input_size=self.input_size or spec.input_size, crop=float(self.crop or 0.0),
             flip=bool(self.flip), preprocessing=spec.preprocessing, precision=self.precision,
             jitter=int(self.jitter),
+            jitter_scheme=_seeded_scheme() if self.jitter else "",
             resize=DEVICE_RESIZE.format(*self.source_size) if self.source_size else RESIZE,
             # dlib-resnet's own chip is its alignment: its settings stay those it always had
             align=self.align if self.align and spec.crop_protocol else "none")
@@ -182,6 +202,48 @@ def make_settings(backbone=DEFAULT_BACKBONE, weights="default", download=True,
     """Validate the options (the fields of `EmbedderConfig`) and resolve the weights; no
     Keras import."""
     return EmbedderConfig(backbone, weights, **options).settings(download=download)
+
+
+_KEYLESS_DEFAULTS = {"align": "none", "jitter_scheme": "", "precision_engine": ""}
+
+
+def _seeded_scheme() -> str:
+    from .dlib_backbone import SEEDED  # no dlib import: the module imports it lazily
+    return SEEDED
+
+
+def _apply_tta(spec: Backbone, config: EmbedderConfig):
+    """--tta NAME: the --jitter of the preset (for dlib-resnet only; not with --jitter)."""
+    if config.tta is None:
+        return
+    _check_choice("--tta", config.tta, tuple(TTA_PRESETS))
+    if config.jitter not in (0, TTA_PRESETS[config.tta]):  # equal: a replace() of a config
+        raise UserError(f"--tta {config.tta} sets the jitter itself (to "
+                        f"{TTA_PRESETS[config.tta]}); give --tta or --jitter {config.jitter}, "
+                        "not both.")
+    if TTA_PRESETS[config.tta] and spec.family.name != "dlib":
+        raise UserError(f"--tta {config.tta} averages jittered face chips of dlib-resnet; "
+                        f"{spec.name} has --flip instead.")
+    object.__setattr__(config, "jitter", TTA_PRESETS[config.tta])
+
+
+def tta_of(jitter: int, scheme: str) -> str:
+    """The --tta preset that `jitter` and `scheme` amount to, for the provenance: a preset
+    name, or "custom" (another --jitter, or dlib's unseeded jitter of older caches)."""
+    seeded = scheme == _seeded_scheme() or not jitter
+    names = [name for name, n in TTA_PRESETS.items() if n == jitter and seeded]
+    return names[0] if names else "custom"
+
+
+def jitter_cost_line(config: EmbedderConfig) -> str | None:
+    """What --jitter N / --tta costs, said before a run; None without jitter."""
+    if not config.jitter:
+        return None
+    n = config.jitter  # measured (benchmarks/jitter_curve.py): 0.7x to 1.25x of N+1 plain runs
+    how = f"--tta {config.tta}" if config.tta else f"--jitter {n}"
+    preset = f" (--jitter {n})" if config.tta else ""
+    return (f"{how}{preset}: each face goes through the network {n + 1} times (the chip and "
+            f"{n} jittered copies), about {n + 1}x the time of the default --tta fast.")
 
 
 def _check_align(spec: Backbone, config: EmbedderConfig):
@@ -216,6 +278,9 @@ def build_extractor(settings: EmbeddingSettings, weights: Weights) -> Extractor:
     if settings.precision == "int8":
         raise UserError("--precision int8 runs on ONNX Runtime: build the extractor with "
                         "featurize.runtimes.build_extractor, or use --precision float32.")
+    if settings.precision_engine:  # bfloat16 on OpenVINO: not Keras's mixed precision
+        from .runtimes import build_extractor as build_runtime_extractor
+        return build_runtime_extractor(settings, weights)
     return settings.spec.family.make_extractor(settings, weights)
 
 
@@ -456,8 +521,5 @@ def weights_for(settings: EmbeddingSettings, weights_path: str = "") -> Weights:
 
 def extractor_for(attrs: dict) -> Extractor:
     """The extractor that made a cache, from its attributes (for new images)."""
-    settings = EmbeddingSettings.from_json(attrs["settings"])
-    if settings.precision == "int8":  # the quantised model it was made with, not Keras
-        from .runtimes.int8 import recorded_extractor
-        return recorded_extractor(settings, attrs)
-    return build_extractor(settings, weights_for(settings, attrs.get("weights_path", "")))
+    from .runtimes import recorded_runtime_extractor
+    return recorded_runtime_extractor(attrs)

@@ -23,7 +23,8 @@ kills its actor every time (a crashing decoder) is retried until the run is stop
 
 Test hook: with FEATURIZE_RAY_TRACE=FILE in the environment, each actor appends
 `start <pid>` when its model is built and `embed <shard> <rows> <pid>` after each model pass
-over a shard (before it is written), so tests can count model calls and find an actor to kill;
+over a shard (before it is written), and the driver `init` before it starts Ray and
+`result <shard> <rows>` when it has counted a shard, so tests can count model calls and find an actor to kill;
 FEATURIZE_RAY_TRACE_SLEEP=SECONDS then also makes it wait that long after writing each shard,
 so that a test can kill a run in the middle.
 """
@@ -34,7 +35,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -46,6 +49,8 @@ from .images import Item, is_url
 from .pipeline import info_columns, prepare_with_info
 
 MAX_SHARD_ROWS = 256  # images per work shard: what a killed actor loses at most
+SHARDS_PER_ACTOR = 4  # at least this many shards per actor, so that all finish together
+CONNECT_SECONDS = 10  # --address: how long the head node may take to accept a connection
 TRACE_ENV = "FEATURIZE_RAY_TRACE"
 INSTALL = "pip install 'featurize-embeddings[ray]'"
 
@@ -53,28 +58,68 @@ INSTALL = "pip install 'featurize-embeddings[ray]'"
 def embed_on_ray(todo: list[Item], target, summary, run) -> dict:
     """Embed `todo` on Ray Data into cache shards beside `cache_path`; count into `summary`.
     Returns {"provenance": ..., "dim": ...} as the actors report them (the caller commits)."""
+    from .run import progress_bar, provenance
     cache_path, settings, weights = target
     ray = import_ray()
-    shards = work_shards(todo, settings, shard_rows(run))
-    done = cache.shards_dir(cache_path)
-    pending = [s for s in shards if not (done / f"{s['name']}.h5").exists()]
-    summary.reused += len(todo) - sum(len(s["items"]) for s in pending)
-    if not pending:
-        from .run import provenance
-        return {"provenance": provenance(), "dim": None}  # what a local run without work has
-    made = {"provenance": {}, "dim": None}
+    made = {"provenance": provenance(), "dim": None}  # what a local run without work has
     with _quiet_ray(), _ray_session(ray, run):
-        dataset = _pipeline(ray, pending, (cache_path, settings, weights), run)
-        from .run import progress_bar
+        actors = _actor_count(ray, settings, run.gpus_per_worker or 0)
+        shards = work_shards(todo, settings, shard_rows(run, len(todo), actors))
+        done = cache.shards_dir(cache_path)
+        pending = [s for s in shards if not (done / f"{s['name']}.h5").exists()]
+        summary.reused += len(todo) - sum(len(s["items"]) for s in pending)
+        if not pending:
+            return made
+        progress = ray.remote(num_cpus=0)(_Progress).remote()
+        dataset = _pipeline(ray, pending, (cache_path, settings, weights, progress),
+                            (run, min(len(pending), actors)))
         bar = progress_bar(sum(len(s["items"]) for s in pending), run.progress)
-        try:
+        with _polled(lambda: ray.get(progress.total.remote(), timeout=5), bar):
             for row in _results(dataset):
                 _count(row, summary)
+                _trace(f"result {row['name']} {row['rows']}")
                 made = {"provenance": json.loads(row["provenance"]), "dim": int(row["dim"])}
-                bar.update(int(row["rows"]))
-        finally:
-            bar.close()
     return made
+
+
+class _Progress:
+    """A Ray actor: the images each work shard's actor has done so far (its latest attempt),
+    so that the driver's bar moves per model batch, not per shard."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def report(self, name: str, rows: int):
+        self.rows[name] = rows
+
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+
+@contextlib.contextmanager
+def _polled(read, bar, every: float = 0.3):
+    """`bar` set to `read()` by a thread every `every` seconds while the block runs, and once
+    more at its end (the bar is then closed)."""
+    import threading
+    stop = threading.Event()
+
+    def poll():
+        while True:
+            try:
+                bar.n = max(bar.n, min(bar.total, int(read())))
+                bar.refresh()
+            except Exception:  # Ray shutting down under us: the bar is cosmetic
+                return
+            if stop.wait(every):
+                return
+    thread = threading.Thread(target=poll, name="featurize-ray-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
 
 
 def import_ray():
@@ -87,9 +132,14 @@ def import_ray():
     return ray
 
 
-def shard_rows(run) -> int:
-    """Images per work shard: --checkpoint-rows (the most a kill may lose), at most 256."""
-    return max(1, min(run.flush_rows, MAX_SHARD_ROWS))
+def shard_rows(run, images: int | None = None, actors: int = 1) -> int:
+    """Images per work shard: --checkpoint-rows (the most a kill may lose), at most 256, and
+    small enough that each of the `actors` gets SHARDS_PER_ACTOR shards of `images` (274
+    images in one 256-image shard and one of 18 left one of two actors idle)."""
+    rows = max(1, min(run.flush_rows, MAX_SHARD_ROWS))
+    if images:
+        rows = min(rows, max(1, math.ceil(images / (max(1, actors) * SHARDS_PER_ACTOR))))
+    return rows
 
 
 # --- reader ------------------------------------------------------------------------------------
@@ -144,7 +194,7 @@ class ShardEmbedder:
     def __init__(self, settings, weights, cache_path, options, cpu_prepare):
         # A user's mistake (a weight file that does not fit, a missing extra on this node) is
         # kept for the first shard's answer: raised here, Ray would print its traceback.
-        self.mistake = ""
+        self.mistake, self.progress, self.shard = "", options[2], ""
         try:
             self._build(settings, weights, options, cpu_prepare)
         except UserError as e:
@@ -158,7 +208,7 @@ class ShardEmbedder:
         from .extractor import default_batch_size
         from .run import provenance
         from .runtimes import build_extractor
-        batch_size, runtime = options
+        batch_size, runtime, self.progress = options
         self.extractor = build_extractor(settings, weights, runtime)
         self.batch_size = batch_size or default_batch_size()
         self.pixels_usable = cpu_prepare is not None and self.extractor.prepare == cpu_prepare
@@ -172,10 +222,12 @@ class ShardEmbedder:
             except UserError as e:  # cannot write the shard (disk full, no permission)
                 self.mistake = str(e)
         return {"name": row["name"], "rows": 0, "embedded": 0, "failed": "[]",
-                "pid": os.getpid(), "provenance": "{}", "dim": 0, "mistake": self.mistake}
+                "pid": os.getpid(), "provenance": "{}", "dim": 0, "mistake": self.mistake,
+                "row_info": "{}"}
 
     def _shard(self, row: dict) -> dict:
         work = json.loads(row["work"])
+        self.shard = row["name"]
         if self.pixels_usable and "pixels" in row:
             reasons, infos = json.loads(row["reasons"]), json.loads(row["infos"])
             embeddings, _ = self._embed_pixels(np.asarray(row["pixels"]), reasons)
@@ -193,10 +245,17 @@ class ShardEmbedder:
                                info=info_columns(self.extractor.prepare,
                                                  [infos[i] for i in ok]) or {})
         cache.write_shard(self.cache_path, row["name"], self.settings, rows)
+        self._report(len(work))
         _trace_pause()
         return {"name": row["name"], "rows": len(work), "embedded": len(ok),
                 "failed": json.dumps([f[:2] for f in failed]), "pid": os.getpid(),
-                "provenance": self.provenance, "dim": int(self.extractor.dim), "mistake": ""}
+                "provenance": self.provenance, "dim": int(self.extractor.dim), "mistake": "",
+                "row_info": json.dumps(_code_counts(rows.info))}
+
+    def _report(self, rows: int):
+        """How far this shard is, for the driver's progress bar (not waited for)."""
+        if self.progress is not None:
+            self.progress.report.remote(self.shard, rows)
 
     def _embed_pixels(self, pixels: np.ndarray, reasons: list):
         """Embed in batches of one fixed shape (the last padded), as the local pipeline does,
@@ -211,12 +270,16 @@ class ShardEmbedder:
                 batch = np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]),
                                                         batch.dtype)])
             out[start:start + size] = self.extractor.embed(batch)[:len(pixels) - start]
+            self._report(min(start + size, len(pixels)))
         return out, reasons
 
     def _embed_paths(self, paths: list[str]):
         """Decode in the actor with the extractor's own `prepare` (dlib computes the whole
         descriptor there), then embed."""
-        prepared = [prepare_with_info(self.extractor.prepare, p) for p in paths]
+        prepared = []
+        for path in paths:  # the slow part for dlib: reported per image
+            prepared.append(prepare_with_info(self.extractor.prepare, path))
+            self._report(len(prepared) - 1)
         arrays = [array for (array, _), _ in prepared]
         infos = [info for (_, info), _ in prepared]  # row info (how the face was found)
         reasons = [reason for _, reason in prepared]
@@ -233,6 +296,12 @@ class ShardEmbedder:
         return out, reasons, infos
 
 
+def _code_counts(info: dict) -> dict:
+    """{column: {code: rows}} of a shard's row-info columns (how each face was found)."""
+    return {name: {str(code): int(n) for code, n in zip(*np.unique(codes, return_counts=True))}
+            for name, codes in info.items()}
+
+
 def _trace(line: str):
     path = os.environ.get(TRACE_ENV)
     if path:
@@ -247,9 +316,11 @@ def _trace_pause():
 
 # --- runner ------------------------------------------------------------------------------------
 
-def _pipeline(ray, shards: list[dict], target, run):
-    """The Ray Data pipeline: shard rows -> CPU decoding tasks -> the actor pool."""
-    cache_path, settings, weights = target
+def _pipeline(ray, shards: list[dict], target, sizes):
+    """The Ray Data pipeline: shard rows -> CPU decoding tasks -> the actor pool (`sizes`:
+    the run's options and the pool's size)."""
+    cache_path, settings, weights, progress = target
+    run, actors = sizes
     prepare = _cpu_prepare(settings)
     dataset = ray.data.from_items([_row(s) for s in shards], override_num_blocks=len(shards))
     if prepare is not None:
@@ -257,16 +328,15 @@ def _pipeline(ray, shards: list[dict], target, run):
         # each decoding task; it also keeps Ray Data from fusing these tasks into the actors
         # (it fuses maps whose resource requests are equal), which would decode on the GPU
         # nodes' actor processes one image at a time.
-        pixels = shard_rows(run) * int(np.prod(prepare.shape))
+        pixels = max(len(s["items"]) for s in shards) * int(np.prod(prepare.shape))
         dataset = dataset.map(decode_shard, fn_kwargs={"prepare": prepare}, num_cpus=1,
                               memory=2 * pixels)
     gpus = run.gpus_per_worker or 0
     return dataset.map(
         ShardEmbedder,
         fn_constructor_args=(settings, weights, os.path.abspath(cache_path),
-                             (run.batch_size, run.runtime), prepare),
-        compute=ray.data.ActorPoolStrategy(size=min(len(shards),
-                                                   _actor_count(ray, settings, gpus))),
+                             (run.batch_size, run.runtime, progress), prepare),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus or None, num_cpus=1)  # Ray Data's default retries: see the docstring
 
 
@@ -296,7 +366,13 @@ def _results(dataset):
 
 
 def _count(row: dict, summary):
+    """A shard's counts into the run's `summary`, as a local run counts (the command line's
+    `faces:` line reads summary.row_info)."""
     summary.embedded += int(row["embedded"])
+    for name, codes in json.loads(row["row_info"]).items():
+        counts = summary.row_info.setdefault(name, {})
+        for code, n in codes.items():
+            counts[int(code)] = counts.get(int(code), 0) + n
     for key, reason in json.loads(row["failed"]):
         summary.failed[key] = reason
 
@@ -309,14 +385,18 @@ def _ray_session(ray, run):
         yield
         return
     options = dict(log_to_driver=False, include_dashboard=False, configure_logging=False)
+    if run.address:
+        _check_reachable(run.address)
+    _trace("init")
     try:
         with _process_state_kept():
             ray.init(address=run.address, **options)
     except (ConnectionError, ValueError) as e:
         if run.address:
-            raise UserError(f"--address {run.address}: cannot join that Ray cluster "
-                            f"({str(e).splitlines()[0][:200]}); check the address (ray status "
-                            "on the head node prints it) or leave --address out.") from None
+            raise UserError(_address_help(run.address, str(e).splitlines()[0][:200])) from None
+        raise
+    except BaseException:  # stopped (SIGTERM, Ctrl-C) while Ray started: what it started goes
+        ray.shutdown()
         raise
     try:
         yield
@@ -324,11 +404,44 @@ def _ray_session(ray, run):
         ray.shutdown()
 
 
+def _address_help(address: str, why: str) -> str:
+    return (f"--address {address}: cannot join that Ray cluster ({why}); check the address "
+            "(ray status on the head node prints it) or leave --address out.")
+
+
+def _check_reachable(address: str) -> None:
+    """A host that does not resolve, or a port that does not answer within CONNECT_SECONDS, is
+    a one-line UserError: ray.init would retry it for minutes. `auto`, `local` and whatever
+    is not host:port are left to Ray."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    host = host.strip("[]")  # an IPv6 address in brackets
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(_address_help(address, f"host {host} not found: "
+                                               f"{getattr(e, 'strerror', None) or e}")) from None
+    error = None
+    for family, kind, proto, _, where in infos:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.settimeout(CONNECT_SECONDS)  # this socket's, not the process's default
+                s.connect(where)
+                return
+        except OSError as e:
+            error = e
+    why = "timed out" if isinstance(error, TimeoutError) else (
+        getattr(error, "strerror", None) or str(error))
+    raise UserError(_address_help(address, f"no answer on {host}:{port}: {why}"))
+
+
 @contextlib.contextmanager
 def _process_state_kept():
     """ray.init installs its own SIGTERM handler and turns faulthandler on in the driver;
     the caller's are put back at once (the command line's SIGTERM means an orderly stop, which
-    shuts Ray down through the `finally` above)."""
+    shuts Ray down through the `finally` above). A SIGTERM that comes while ray.init runs
+    meets Ray's handler (SystemExit): the caller's own handler is then run instead."""
     import faulthandler
     import signal
     import threading
@@ -338,12 +451,25 @@ def _process_state_kept():
     faults = faulthandler.is_enabled()
     try:
         yield
+    except SystemExit as e:  # Ray's SIGTERM handler, while ray.init ran: the caller's, after
+        if e.code != signal.SIGTERM or not callable(handlers.get(signal.SIGTERM)):
+            raise
+        _restore(handlers, faults)
+        handlers[signal.SIGTERM](signal.SIGTERM, None)  # the command line's raises Ctrl-C
+        raise
     finally:
-        for number, handler in handlers.items():
-            if handler is not None and signal.getsignal(number) != handler:
-                signal.signal(number, handler)
-        if not faults and faulthandler.is_enabled():
-            faulthandler.disable()
+        _restore(handlers, faults)
+
+
+def _restore(handlers: dict, faults: bool):
+    """The signal handlers and faulthandler state as `_process_state_kept` found them."""
+    import faulthandler
+    import signal
+    for number, handler in handlers.items():
+        if handler is not None and signal.getsignal(number) != handler:
+            signal.signal(number, handler)
+    if not faults and faulthandler.is_enabled():
+        faulthandler.disable()
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from .images import ImageError, image_size, list_dataset
 from .pipeline import batches, exit_if_worker_is_starting
 from .runtimes import build_extractor as build_runtime_extractor, check_options, check_runtime
 from .runtimes import choose as choose_runtime
+from .runtimes import describe_precision, settle
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Summary:
     # This run's rows by row-info column and code, e.g. {"face": {0: 980, 3: 2}}: how the
     # faces were found (featurize.align.FACE_CODES; 3: none found, the fixed box was used).
     row_info: dict = field(default_factory=dict)
+    degenerate: str | None = None  # why the cache's embeddings cannot tell images apart
 
 
 def provenance(extractor: Extractor | None = None) -> dict:
@@ -133,6 +135,7 @@ def featurize(source, options: FeaturizeOptions | None = None, *, embedder=None,
         settings, w = embedder.settings, embedder.resolved_weights
     else:
         settings, w = _settings(options.embedding, dataset)
+        settings = settle(settings, run.runtime)  # mixed: OpenVINO bfloat16 where native
     path = Path(run.out) if run.out else cache.path_for(dataset, settings, run.cache_dir)
     summary = Summary(path, total=len(dataset.items), notes=list(getattr(dataset, "notes", ())))
     _check_writable(path)
@@ -151,13 +154,64 @@ def featurize(source, options: FeaturizeOptions | None = None, *, embedder=None,
             summary.failed_total = len(state.failed)
             summary.seconds = time.perf_counter() - start
             return summary
+        if run.progress and todo:
+            _header(len(todo), summary.reused, settings, run, path)
         extractor = None
         if todo and run.engine == "local":  # Ray's actors build their own
             extractor = (embedder.extractor if embedder is not None
                          else _extractor(settings, w, run.runtime, dataset, path))
         _run(todo, extractor, (path, settings, dataset, state, w), summary, run)
+    if summary.committed and summary.embedded:
+        summary.degenerate = degenerate(path)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _header(n_todo: int, n_cached: int, settings, run: RunOptions, path: Path) -> None:
+    """One line before the work: what runs, on how many images, into which cache."""
+    runtime = choose_runtime(settings, run.runtime)
+    engine = f", engine {run.engine}" if run.engine != "local" else ""
+    print(f"featurize: {n_todo} images to embed ({n_cached} already cached) with "
+          f"{settings.backbone}, weights {settings.weights_file}, runtime {runtime}, "
+          f"{describe_precision(settings)}{engine} -> {path}", file=sys.stderr, flush=True)
+    if runtime in ("onnx", "openvino") and not _exported(settings, runtime):
+        print(f"featurize: exporting {settings.backbone} for {runtime} first (once for these "
+              "settings, about a minute; kept under ~/.keras/models/featurize-exports)",
+              file=sys.stderr, flush=True)
+
+
+def _exported(settings, runtime: str) -> bool:
+    """Whether the runtime's copy of the float32 model is already on disk."""
+    from .runtimes.bf16 import fp32_settings
+    from .runtimes.exports import MODEL_FILES, export_folder
+    return (export_folder(fp32_settings(settings), runtime) / MODEL_FILES[runtime]).is_file()
+
+
+SAMPLE_ROWS = 512  # rows a degenerate-embedding check reads, evenly spread over the cache
+
+
+def degenerate(path: Path) -> str | None:
+    """What makes the embeddings of the cache at `path` useless, read on an even sample of its
+    rows: NaN rows, all values ~0 or every row the same; None when they look usable."""
+    import h5py
+    import numpy as np
+    with h5py.File(path, "r") as f:
+        ds = f["embeddings"]
+        idx = np.unique(np.linspace(0, len(ds) - 1, min(len(ds), SAMPLE_ROWS)).astype(int))
+        rows = ds[idx] if len(ds) else np.zeros((0, 0), np.float32)
+    if not rows.size:
+        return None
+    fix = ("no classifier can learn from them; check --weights (none is a random network) and "
+           "--layer")
+    largest = float(np.nanmax(np.abs(rows))) if not np.isnan(rows).all() else float("nan")
+    if np.isnan(rows).any():
+        return (f"{int(np.isnan(rows).any(axis=1).sum())} of {len(rows)} sampled rows of {path} "
+                f"are NaN; run python -m featurize verify {path}")
+    if largest < 1e-6:
+        return f"the embeddings in {path} are all ~0 (largest |value| {largest:.1e}); {fix}"
+    if len(rows) > 1 and float(np.abs(rows - rows[0]).max()) <= 1e-6 * largest:
+        return f"every image in {path} has the same embedding; {fix}"
+    return None
 
 
 def _extractor(settings, w, runtime, dataset, path):

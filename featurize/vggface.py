@@ -12,7 +12,8 @@ Weights are not loaded by the builders: `featurize.weights` resolves them for ev
 keras-vggface 0.6's public functions are here too, with its signatures and behaviour, so a
 script written for it runs on Keras 3 by changing its import line to `featurize.vggface`:
 `VGGFace` (the builders plus the published weights, from ~/.keras/models/vggface, downloaded
-there once), `preprocess_input` and `decode_predictions` (also as `utils.preprocess_input`...).
+there once; its model's `get_layer` also takes the original "/" names, e.g. 'fc7/relu'),
+`preprocess_input` and `decode_predictions` (also as `utils.preprocess_input`...).
 """
 
 from __future__ import annotations
@@ -189,10 +190,11 @@ def VGGFace(include_top=True, model="vgg16", weights="vggface", input_tensor=Non
     """keras-vggface's `VGGFace`: the VGGFace (vgg16) or VGGFace2 (resnet50, senet50) model,
     with the published weights (weights="vggface") or random ones (weights=None).
 
-    The same arguments, checks, layer names and outputs as keras-vggface 0.6; the weight files
-    are the ones it downloads to ~/.keras/models/vggface (KERAS_HOME), used where they already
-    are. Two differences: an unknown `model` is a ValueError (the original returned None), and
-    the architectures are built channels-last only.
+    The same arguments, checks, layer names and outputs as keras-vggface 0.6 (its "/" names,
+    which Keras 3 forbids, are `_` names here, and `get_layer` takes both: `VGGFaceModel`);
+    the weight files are the ones it downloads to ~/.keras/models/vggface (KERAS_HOME), used
+    where they already are. Two differences: an unknown `model` is a ValueError (the original
+    returned None), and the architectures are built channels-last only.
     """
     if weights not in {"vggface", None}:
         raise ValueError("The `weights` argument should be either `None` (random "
@@ -217,9 +219,39 @@ def VGGFace(include_top=True, model="vgg16", weights="vggface", input_tensor=Non
     net = _BUILDERS[model](include_top=include_top, input_shape=shape, pooling=pooling,
                            classes=classes, input_tensor=input_tensor)
     if path is not None:
-        from .weights import load_keras2_h5
-        load_keras2_h5(_own_layers(net, input_tensor), path, keras_layer_name)
-    return net
+        _load_published(_own_layers(net, input_tensor), path)
+    # The same layers, as a model whose get_layer also takes keras-vggface's "/" names.
+    return VGGFaceModel(net.inputs, net.outputs, name=net.name)
+
+
+@keras.saving.register_keras_serializable(package="featurize")
+class VGGFaceModel(keras.Model):
+    """The functional model `VGGFace` returns: a plain Keras model (fit, save, load...) whose
+    `get_layer` also accepts keras-vggface's names, which Keras 3 forbids ("/" in them):
+    `get_layer('fc7/relu')` is the layer `fc7_relu`. `keras.saving.load_model` gives it
+    back when `featurize.vggface` is imported (its class is registered there)."""
+
+    def get_layer(self, name=None, index=None):
+        if isinstance(name, str) and "/" in name:
+            ours = keras_layer_name(name)
+            if not any(layer.name == ours for layer in self.layers):
+                raise ValueError(f"No such layer: {name} (Keras 3 name {ours}) in "
+                                 f"{self.name}; layer names are listed by model.summary().")
+            name = ours
+        return super().get_layer(name=name, index=index)
+
+
+def _load_published(net, path) -> None:
+    """The release's Keras 2 file into `net`; a file that does not fit is named, with what
+    a Python caller can do about it."""
+    from .errors import UserError
+    from .weights import load_keras2_h5
+    try:
+        load_keras2_h5(net, path, keras_layer_name)
+    except UserError as e:
+        reason = str(e).split(";")[0].rstrip(".")
+        raise UserError(f"{reason}. Delete {path} so that VGGFace downloads it again, or "
+                        "call VGGFace(..., weights=None) for random weights.") from None
 
 
 def _checked_input_shape(input_shape, include_top):
@@ -240,12 +272,20 @@ def _checked_input_shape(input_shape, include_top):
 
 
 def _published_weights(backbone, include_top) -> str:
-    """The release's file, found or downloaded where keras-vggface keeps it (featurize's own
-    resolution, so the CLI and this share one copy)."""
+    """The release's file, found or downloaded where keras-vggface keeps it (the place and
+    the URL featurize's own resolution uses, so the CLI and this share one copy). A failed
+    download says what a Python caller can do: VGGFace takes no weight path."""
     from .backbones import get_backbone
-    from .weights import resolve
+    from .download import fetch
+    from .weights import keras_home
 
-    return resolve(get_backbone(backbone), "default", include_top=include_top).path
+    spec = get_backbone(backbone)
+    wf = spec.top_weights if include_top else spec.notop_weights
+    path = keras_home() / VGGFACE_CACHE_SUBDIR / wf.filename
+    if not path.is_file():
+        fetch(wf.url, path, wf.sha256, hint=", or call VGGFace(..., weights=None) for random "
+                                            "weights")
+    return str(path)
 
 
 def _own_layers(net, input_tensor):

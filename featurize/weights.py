@@ -21,6 +21,9 @@ from .download import fetch, sha256_of
 from .errors import UserError
 
 RANDOM_SEED = 0  # `--weights none` is reproducible: the same random network every time
+# The end of every "weights not there" error: the one pretrained model needing no download.
+NO_DOWNLOAD = ("or use --backbone dlib-resnet, whose weights come with the dlib extra "
+               "(pip install -e '.[dlib]') and need no download")
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ def local_file(weights: str) -> Weights:
 def download_weights(wf: WeightFile) -> Path:
     """Into ~/.keras/models/vggface, where keras-vggface keeps them."""
     return fetch(wf.url, keras_home() / VGGFACE_CACHE_SUBDIR / wf.filename, wf.sha256,
-                 hint=", or pass --weights PATH")
+                 hint=f", or pass --weights PATH, {NO_DOWNLOAD}")
 
 
 def file_sha256(path: Path) -> str:

@@ -265,4 +265,5 @@ def test_the_api_in_a_fresh_process(world, tmp_path):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 3 and lines[0] == lines[1] and lines[2] == "True"
-    assert (tmp_path / "saved-run" / "head.joblib").is_file()
+    assert (tmp_path / "saved-run" / "head.skops").is_file()
+    assert not (tmp_path / "saved-run" / "head.joblib").exists()

@@ -234,7 +234,7 @@ def test_compact_and_export_from_python(tmp_path, no_merging):
     assert counts == {"shards_before": 3, "shards_after": 1, "rows": 12}
     assert_same_cache(featurize.open_cache(s.path), s)
     done = featurize.export_cache(s.path, tmp_path / "out", "npy")
-    assert done.rows == 12 and (tmp_path / "out" / "featurize_export.json").is_file()
+    assert done.rows == 12 and (tmp_path / "out" / "_featurize_export.json").is_file()
 
 
 READER = """

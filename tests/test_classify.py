@@ -38,7 +38,8 @@ def test_every_head_trains_saves_reloads_and_predicts_identically(head, tmp_path
     assert r.metrics["accuracy"] > 0.9, r.metrics
     files = {p.name for p in r.run_dir.iterdir()}
     assert {"run.json", "split.json", "metrics.json", "report.txt", "confusion.png",
-            "head.joblib"} <= files
+            "head.skops"} <= files
+    assert "head.joblib" not in files  # no pickle: loading a run runs none of its content
     assert ("head.keras" in files) == (head == "dense")
     record, pipeline = load(r.run_dir)
     c = cache.read(separable)

@@ -33,13 +33,14 @@ def lfw_server(tmp_path, http_server):
 
 def test_download_extract_and_nothing_downloaded_again(tmp_path, lfw_server):
     archives, protocol, stop, _ = lfw_server
-    dest = fetch_lfw(tmp_path / "data" / "lfw", archives=archives, protocol=protocol, log=lambda m: None)
+    dest = fetch_lfw(tmp_path / "data" / "lfw", archives=archives, protocol=protocol,
+                     log=lambda m: None, local=[])
     ds = list_dataset(dest)
     assert ds.classes == ["Ann_Lee", "Bo_Chan"] and len(ds.items) == 5
     assert ds.items[0].key == "Ann_Lee/Ann_Lee_0001.jpg" and (dest / "pairs.txt").exists()
     stop()  # offline from here on: a second call must not need the network
     messages = []
-    fetch_lfw(dest, archives=archives, protocol=protocol, log=messages.append)
+    fetch_lfw(dest, archives=archives, protocol=protocol, log=messages.append, local=[])
     assert "already holds LFW" in messages[0]
 
 
@@ -48,16 +49,18 @@ def test_checksum_mismatch_and_offline_are_clear_errors(tmp_path, lfw_server):
     bad = {"deepfunneled": Remote(archives["deepfunneled"].filename, archives["deepfunneled"].url,
                                   "0" * 64)}
     with pytest.raises(UserError, match="could not download .*(hash|checksum|corrupt)"):
-        fetch_lfw(tmp_path / "a", archives=bad, protocol=protocol, log=lambda m: None)
+        fetch_lfw(tmp_path / "a", archives=bad, protocol=protocol, log=lambda m: None, local=[])
     assert not (tmp_path / "lfw-deepfunneled.tgz").exists()
     stop()
-    with pytest.raises(UserError, match=r"could not download http://127\.0\.0\.1.*--from-archive"):
-        fetch_lfw(tmp_path / "b", archives=archives, protocol=protocol, log=lambda m: None)
+    with pytest.raises(UserError, match=r"could not download http://127\.0\.0\.1.*--from PATH"):
+        fetch_lfw(tmp_path / "b", archives=archives, protocol=protocol, log=lambda m: None,
+                  local=[tmp_path / "nowhere"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing left
 
 
 def test_from_archive_uses_a_local_tgz(tmp_path, lfw_server):
     archives, protocol, _, served = lfw_server
-    dest = fetch_lfw(tmp_path / "c", from_archive=served / "lfw-deepfunneled.tgz",
-                     archives=archives, protocol=protocol, log=lambda m: None)
+    dest = fetch_lfw(tmp_path / "c", source=served / "lfw-deepfunneled.tgz",
+                     archives=archives, protocol=protocol, log=lambda m: None, local=[])
     assert len(list_dataset(dest).items) == 5
     assert main(["lfw", str(tmp_path / "d"), "--from-archive", str(tmp_path / "nope.tgz")]) == 2

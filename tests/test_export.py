@@ -5,6 +5,7 @@ atomically, and one-line errors that write nothing."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -90,9 +91,12 @@ def test_parquet_export_equals_the_cache_row_for_row(small_cache, tmp_path):
     assert meta["weights"] == c.attrs["weights"] and meta["keras_version"] == "test"
     assert meta["dataset_root"] == c.attrs["dataset_root"] and meta["rows"] == 21
     assert meta["cache_path"] == str(c.path.resolve()) and meta["classes"] == c.classes
-    summary = json.loads((folder / "featurize_export.json").read_text())
+    assert sorted(p.name for p in folder.iterdir()) == [f.name for f in files]  # bare
+    summary = export_module.sidecar(folder)  # rebuilt from the files' footers
     assert summary["format"] == "parquet" and summary["provenance"] == meta
-    assert sum(f["rows"] for f in summary["files"]) == 21
+    assert summary["rows"] == 21 and summary["dim"] == dim and summary["normalized"] is False
+    assert summary["files"] == [{"file": f.name, "rows": 2 if i < 10 else 1}
+                                for i, f in enumerate(files)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "emb"]  # no temporary left
 
 
@@ -119,7 +123,7 @@ def test_npy_export_pairs_each_embedding_file_with_its_metadata(small_cache, tmp
     assert np.array_equal(X.view(np.uint32), c.X.view(np.uint32))
     assert paths == c.paths and labels == expected_labels(c)
     meta = json.loads(pq.read_schema(metadata[0]).metadata[b"featurize"])
-    summary = json.loads((folder / "featurize_export.json").read_text())
+    summary = json.loads((folder / "_featurize_export.json").read_text())
     assert summary["provenance"] == meta and meta["settings"] == c.attrs["settings"]
     assert summary["files"][0] == {"file": "img_emb/img_emb_00.npy",
                                    "metadata": "metadata/metadata_00.parquet", "rows": 2}
@@ -190,7 +194,7 @@ def test_overwrite_replaces_an_earlier_export_whole(small_cache, tmp_path):
     code, _, err = export_cli(c.path, "empty", "--format", "npy", "--overwrite", cwd=tmp_path)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
-        "featurize_export.json", "img_emb", "metadata"]
+        "_featurize_export.json", "img_emb", "metadata"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "empty"]
 
 
@@ -220,17 +224,99 @@ def test_a_failed_export_leaves_no_folder_and_keeps_the_earlier_one(small_cache,
     assert tree(tmp_path) == saved  # the earlier export intact, nothing of the failed ones left
 
 
+def leftover(folder: Path, pid: int, marked: bool = True) -> Path:
+    """A folder as an export killed while writing leaves it: marked by export, or not."""
+    folder.mkdir()
+    (folder / "half.npy").write_bytes(b"x")
+    if marked:
+        (folder / export_module.LEFTOVER).write_text(json.dumps(
+            {"folder": folder.name, "host": socket.gethostname(), "pid": pid}))
+    return folder
+
+
 def test_leftovers_of_killed_exports_are_removed_and_live_ones_kept(small_cache, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)
     for name in (f"out.tmp-{dead_pid}", f"out.old-{dead_pid}", f"out.tmp-{os.getpid()}"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "half.npy").write_bytes(b"x")
+        leftover(tmp_path / name, int(name.rpartition("-")[2]))
     code, _, err = export_cli(small_cache.path, "out", cwd=tmp_path)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out",
                                                           f"out.tmp-{os.getpid()}"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "part-0.parquet"]  # no marker (nor summary) left in the export
+
+
+def test_folders_export_did_not_make_are_never_removed(small_cache, tmp_path):
+    """A user's own `out.old-2023` (a backup), an unmarked `out.tmp-<dead pid>`, a marker
+    naming another folder: all kept, with or without --overwrite."""
+    kept = [leftover(tmp_path / "out.old-2023", 2023, marked=False),
+            leftover(tmp_path / "out.tmp-99999999", 99999999, marked=False),
+            leftover(tmp_path / "out.old-99999998", 99999998, marked=False)]
+    copied = leftover(tmp_path / "out.old-99999997", 99999997)  # e.g. copied from elsewhere
+    (copied / export_module.LEFTOVER).write_text(json.dumps(
+        {"folder": "out.tmp-99999997", "host": socket.gethostname(), "pid": 99999997}))
+    for args in ([], ["--overwrite"], ["--overwrite", "--format", "npy"]):
+        code, _, err = export_cli(small_cache.path, "out", *args, cwd=tmp_path)
+        assert code == 0, err
+    for folder in [*kept, copied]:
+        assert (folder / "half.npy").read_bytes() == b"x", folder
+
+
+def test_overwrite_replaces_only_an_export(small_cache, tmp_path):
+    mine = tmp_path / "faces"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for args in ([], ["--overwrite"]):
+        code, _, err = export_cli(small_cache.path, "faces", *args, cwd=tmp_path)
+        one_line_error(code, err, "faces", "--overwrite" if not args else "not an export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "faces"]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    old = tmp_path / "old-export"  # made before the sidecar was renamed
+    old.mkdir()
+    (old / "featurize_export.json").write_text("{}")
+    (old / "part-0.parquet").write_bytes(b"x")
+    code, _, err = export_cli(small_cache.path, "old-export", cwd=tmp_path)
+    one_line_error(code, err, "old-export", "--overwrite")
+    code, _, err = export_cli(small_cache.path, "old-export", "--overwrite", cwd=tmp_path)
+    assert code == 0, err
+    assert export_module.sidecar(old)["rows"] == 21
+    assert not (old / "featurize_export.json").exists()
+
+
+def foreign_parquet(folder: Path, name: str = "part-0.parquet") -> Path:
+    """A parquet file export did not write: the same name and columns, no `featurize` key."""
+    folder.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"path": ["a.jpg"], "label": ["x"]}), folder / name)
+    return folder / name
+
+
+def test_overwrite_leaves_parquet_files_that_are_not_ours(small_cache, tmp_path):
+    """Without the summary file, a parquet export is recognised by its files alone: only
+    part-N.parquet files, each with export's metadata. Anything else is the user's."""
+    theirs = tmp_path / "theirs"  # the user's own parquet files
+    foreign_parquet(theirs)
+    mixed = tmp_path / "mixed"  # an export the user added a file to
+    export_module.export(small_cache.path, mixed, rows_per_file=10)
+    foreign_parquet(mixed, "part-9.parquet")
+    notes = tmp_path / "noted"
+    export_module.export(small_cache.path, notes)
+    (notes / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    for folder in (theirs, mixed, notes):
+        assert not export_module.is_export(folder)
+        code, _, err = export_cli(small_cache.path, folder.name, "--overwrite", cwd=tmp_path)
+        one_line_error(code, err, folder.name, "not an export")
+        with pytest.raises(UserError, match="not an export"):
+            export_module.sidecar(folder)
+    assert tree(tmp_path) == before
+    export_module.export(small_cache.path, tmp_path / "ours", rows_per_file=10)
+    assert export_module.is_export(tmp_path / "ours")
+    code, _, err = export_cli(small_cache.path, "ours", "--overwrite", "--format", "npy",
+                              cwd=tmp_path)
+    assert code == 0, err
+    assert export_module.sidecar(tmp_path / "ours")["format"] == "npy"
 
 
 def test_an_incomplete_cache_is_exported_with_a_warning(small_cache, tmp_path):
@@ -241,7 +327,7 @@ def test_an_incomplete_cache_is_exported_with_a_warning(small_cache, tmp_path):
     code, out, err = export_cli(small_cache.path, "out", cwd=tmp_path)
     assert code == 0 and "exported 21 rows" in out
     assert err.strip().startswith("warning:") and "5 images pending" in err
-    meta = json.loads((tmp_path / "out" / "featurize_export.json").read_text())["provenance"]
+    meta = export_module.sidecar(tmp_path / "out")["provenance"]
     assert meta["complete"] is False and meta["pending"] == 5
 
 

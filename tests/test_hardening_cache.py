@@ -82,9 +82,10 @@ def _contend(path, barrier, mine, peer, results, index):
         mine.set()
 
 
-def test_lock_lets_exactly_one_of_200_simultaneous_pairs_in(tmp_path):
+@pytest.mark.parametrize("pairs", [20, pytest.param(200, marks=pytest.mark.slow)])
+def test_lock_lets_exactly_one_of_many_simultaneous_pairs_in(tmp_path, pairs):
     ctx = multiprocessing.get_context("fork")  # cheap: no re-import per process
-    pairs, wave = 200, 10
+    wave = 10
     results = ctx.Array("i", 2 * pairs, lock=False)
     for first in range(0, pairs, wave):
         procs = []

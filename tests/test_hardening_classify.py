@@ -189,7 +189,7 @@ def test_a_hand_edited_run_json_is_a_one_line_error(blob_world, tmp_path, edit, 
     run = tmp_path / "run"
     run.mkdir()
     original = json.loads((blob_world / "runs" / "logreg" / "run.json").read_text())
-    (run / "head.joblib").write_bytes((blob_world / "runs" / "logreg" / "head.joblib").read_bytes())
+    (run / "head.skops").write_bytes((blob_world / "runs" / "logreg" / "head.skops").read_bytes())
     (run / "run.json").write_text(EDITS[edit](original))
     image = tmp_path / "x.jpg"
     image.write_bytes(b"")

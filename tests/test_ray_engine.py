@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import make_folder, same, write_image
-from featurize import cache, open_cache
+from featurize import cache, dlib_backbone, open_cache
+from featurize.errors import UserError
 from featurize.run import featurize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,10 @@ def test_a_mistake_an_actor_finds_is_one_user_error(ray_session, tmp_path):
 
 def test_per_image_extractor_dlib_decodes_in_its_actors(ray_session, tmp_path):
     pytest.importorskip("dlib")
-    pytest.importorskip("face_recognition_models")
+    try:  # dlib and its model files, found without importing face_recognition_models
+        dlib_backbone.check_installed()
+    except UserError as e:
+        pytest.skip(str(e))
     folder = make_folder(tmp_path / "faces", per_class=2)
     (folder / "alice" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 40)
     options = dict(backbone="dlib-resnet", progress=False, flush_rows=4)
@@ -134,6 +138,8 @@ def test_per_image_extractor_dlib_decodes_in_its_actors(ray_session, tmp_path):
     assert ray_faces is not None and len(ray_faces) == 6
     np.testing.assert_array_equal(ray_faces, local_faces)
     assert (local_faces == 3).all()  # flat-colour images: no face, the fixed box (code 3)
+    # the counts the command line's `faces:` line prints, as a local run makes them
+    assert on_ray.row_info == local.row_info == {"face": {3: 6}}
 
 
 def _trace_lines(path: Path, kind: str) -> list[list[str]]:
@@ -329,3 +335,116 @@ def test_missing_s3fs_is_one_line_naming_the_package(keras_home, tmp_path):
                          timeout=120)
     assert run.returncode == 2, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and "pip install s3fs" in run.stderr
+
+
+# --- unreachable clusters, SIGTERM, work shards, progress and summary (issue items 6, 22.7) -----
+
+def test_unresolvable_address_is_one_line_at_once(keras_home, tmp_path):
+    """ray.init retried a host that does not resolve for minutes (and ignored SIGTERM)."""
+    from conftest import one_line_error
+    folder = make_folder(tmp_path / "imgs", per_class=1)
+    run = subprocess.run(_cli(folder, "--engine", "ray", "--address", "nowhere:1", "--out",
+                              tmp_path / "c.h5", "--quiet", *TINY_CLI),
+                         env=_env(keras_home), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    one_line_error(run.returncode, run.stderr, "--address nowhere:1", "host nowhere not found")
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_refused_port_is_one_line(keras_home, tmp_path):
+    import socket
+    from conftest import one_line_error
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    folder = make_folder(tmp_path / "imgs", per_class=1)
+    run = subprocess.run(_cli(folder, "--engine", "ray", "--address", address, "--out",
+                              tmp_path / "c.h5", "--quiet", *TINY_CLI),
+                         env=_env(keras_home), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    one_line_error(run.returncode, run.stderr, f"--address {address}", "no answer")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigterm_stops_a_ray_run_as_ctrl_c_does(keras_home, images, reference, tmp_path, sig):
+    out, trace = tmp_path / "ray.h5", tmp_path / "trace"
+    env = _env(keras_home, FEATURIZE_RAY_TRACE=str(trace), FEATURIZE_RAY_TRACE_SLEEP="1")
+    cmd = _cli(images, "--engine", "ray", "--out", out, "--quiet", *TINY_CLI, *SMALL_CLI)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait(lambda: len(_trace_lines(trace, "result")) >= 1, proc)  # the driver counted one
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]  # as after Ctrl-C: progress committed
+    assert "interrupted, progress saved; run again to resume" in stdout
+    assert f"cache: {out}" in stdout
+    check = subprocess.run(_cli("verify", out, "--sample", "2"), env=_env(keras_home),
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+    committed = cache.read(out, strict=False)
+    assert 1 <= len(committed.paths) < 30  # what was done before the signal is kept
+    rerun = subprocess.run(cmd, env=_env(keras_home), cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    _assert_same_cache(out, reference)
+
+
+def test_work_shards_give_every_actor_work():
+    from featurize.ray_engine import MAX_SHARD_ROWS, SHARDS_PER_ACTOR, shard_rows, work_shards
+    from featurize.extractor import make_settings
+    from featurize.images import Item
+    from featurize.run import RunOptions
+    run = RunOptions()  # --checkpoint-rows 1024: shards of at most 256 images
+    assert shard_rows(run) == MAX_SHARD_ROWS
+    settings, _ = make_settings("vggface-vgg16", "none", input_size=32)
+    todo = [Item(f"p/{i:04d}.jpg", f"p/{i:04d}.jpg", "p", 1, i) for i in range(274)]
+    for actors in (1, 2, 8):
+        sizes = [len(s["items"]) for s in work_shards(todo, settings,
+                                                      shard_rows(run, len(todo), actors))]
+        assert sum(sizes) == 274 and len(sizes) > actors  # every actor has work: no 256 + 18
+        assert max(sizes) == -(-274 // (actors * SHARDS_PER_ACTOR))  # ~SHARDS_PER_ACTOR each
+    assert shard_rows(RunOptions(flush_rows=6), 274, 2) == 6  # --checkpoint-rows still bounds
+
+
+def test_actors_report_progress_per_model_batch():
+    """The driver's bar follows each actor's batches (it moved per shard of up to 256)."""
+    from featurize.ray_engine import ShardEmbedder
+
+    class Reports:
+        def __init__(self):
+            self.seen = []
+            self.report = self  # the handle's method, called as .remote(name, rows)
+
+        def remote(self, name, rows):
+            self.seen.append((name, rows))
+
+    class Model:
+        dim = 3
+
+        def embed(self, batch):
+            return np.ones((len(batch), 3), np.float32)
+
+    actor = ShardEmbedder.__new__(ShardEmbedder)
+    actor.extractor, actor.batch_size = Model(), 4
+    actor.progress, actor.shard = Reports(), "work-x"
+    out, _ = actor._embed_pixels(np.zeros((10, 2, 2, 3), np.uint8), [None] * 10)
+    assert out.shape == (10, 3)
+    assert actor.progress.seen == [("work-x", 4), ("work-x", 8), ("work-x", 10)]
+
+
+def test_sigterm_while_ray_starts_stops_the_run_as_ctrl_c_does(keras_home, tmp_path):
+    """ray.init puts its own SIGTERM handler in place (sys.exit(15): the run ended with code 15
+    and no word); the command line's is run instead: the run stops as after Ctrl-C."""
+    folder = make_folder(tmp_path / "imgs", per_class=2)
+    out, trace = tmp_path / "c.h5", tmp_path / "trace"
+    proc = subprocess.Popen(_cli(folder, "--engine", "ray", "--out", out, "--quiet",
+                                 *TINY_CLI), env=_env(keras_home, FEATURIZE_RAY_TRACE=str(trace)),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait(lambda: len(_trace_lines(trace, "init")) >= 1, proc)
+    time.sleep(0.5)  # into ray.init (it takes seconds), where Ray's handler is in place
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (stdout, stderr[-2000:])
+    assert "interrupted, progress saved; run again to resume" in stdout
+    assert not _trace_lines(trace, "start")  # stopped before any actor started

@@ -151,7 +151,7 @@ def test_a_failing_report_never_fails_the_run(tmp_path, monkeypatch):
         raise RuntimeError("template exploded")
     monkeypatch.setattr(html, "render", broken)
     run = classify.train(cache, "logreg", save_to=tmp_path / "run")
-    assert (run.path / "head.joblib").is_file() and not (run.path / "report.html").exists()
+    assert (run.path / "head.skops").is_file() and not (run.path / "report.html").exists()
     record = json.loads((run.path / "run.json").read_text())
     assert any("template exploded" in n for n in record["notes"])
 

@@ -288,3 +288,70 @@ def test_architectures_and_outputs_are_the_builders_with_the_originals_options()
                               input_shape=(48, 48, 3), pooling="max")
     assert chained.inputs[0] is inputs and chained.layers[1].name == "to_pixels"
     assert chained.output_shape == (None, 512)
+
+
+def test_get_layer_takes_keras_vggface_names_with_a_slash(tmp_path):
+    """A script written for keras-vggface asks for `fc7/relu` (Keras 3 forbids "/" in layer
+    names, so the layer is `fc7_relu`); the model stays a plain Keras model that saves and
+    loads, names included."""
+    import keras
+
+    from featurize.vggface import VGGFace
+
+    vgg = VGGFace(weights=None, input_shape=(48, 48, 3))
+    assert isinstance(vgg, keras.Model)
+    for theirs, ours in [("fc7/relu", "fc7_relu"), ("fc6/relu", "fc6_relu"),
+                         ("fc8/softmax", "fc8_softmax"), ("conv1_1", "conv1_1")]:
+        assert vgg.get_layer(theirs) is vgg.get_layer(ours) and vgg.get_layer(theirs).name == ours
+    # The sixth script's use: features from fc7's ReLU.
+    features = keras.Model(vgg.input, vgg.get_layer("fc7/relu").output)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype("float32")
+    assert features.predict(x, verbose=0).shape == (2, 4096)
+    for model in ("resnet50", "senet50"):
+        net = VGGFace(model=model, include_top=False, weights=None, input_shape=(64, 64, 3))
+        for theirs in ["conv1/7x7_s2", "conv1/7x7_s2/bn", "conv2_1_1x1_reduce/bn",
+                       "conv5_3_1x1_increase/bn"]:
+            layer = net.get_layer(theirs)
+            assert layer.name == theirs.replace("/", "_") and layer in net.layers
+        assert isinstance(net.get_layer("conv1/7x7_s2/bn"), keras.layers.BatchNormalization)
+        with pytest.raises(ValueError, match=r"No such layer: fc7/relu \(Keras 3 name fc7_relu\)"):
+            net.get_layer("fc7/relu")
+    assert isinstance(net.get_layer("conv5_3_1x1_up"), keras.layers.Conv2D)  # SE block, as named
+    vgg.save(tmp_path / "vgg.keras")
+    again = keras.saving.load_model(tmp_path / "vgg.keras")
+    assert type(again) is type(vgg) and again.get_layer("fc7/relu").name == "fc7_relu"
+    np.testing.assert_allclose(again.predict(x, verbose=0), vgg.predict(x, verbose=0), rtol=1e-5)
+    # A fresh process that imports the drop-in (as a ported script does) loads it back too.
+    (tmp_path / "load.py").write_text(
+        "import keras\nfrom featurize.vggface import VGGFace\n"
+        "print(keras.saving.load_model('vgg.keras').get_layer('fc7/relu').name)\n")
+    done = subprocess.run([sys.executable, "load.py"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["fc7_relu"], done.stderr[-3000:]
+
+
+def test_weight_errors_name_python_arguments_not_command_line_options(http_server,
+                                                                      monkeypatch):
+    """VGGFace's caller passes Python arguments: a missing or unusable weight file says
+    where the file goes and `VGGFace(..., weights=None)`, never `--weights`."""
+    from featurize import backbones
+    from featurize.backbones import WeightFile
+    from featurize.vggface import VGGFace
+
+    _, base, stop = http_server
+    stop()  # the release cannot be reached
+    spec = backbones.BACKBONES["vggface-vgg16"]
+    name = "rcmalli_vggface_tf_notop_vgg16.h5"
+    monkeypatch.setitem(backbones.BACKBONES, "vggface-vgg16", dataclasses.replace(
+        spec, notop_weights=WeightFile(name, base + name)))
+    with pytest.raises(UserError) as missing:
+        VGGFace(include_top=False, input_shape=(48, 48, 3))
+    text = str(missing.value)
+    assert f"download it yourself to {_vggface_dir() / name}" in text
+    assert "VGGFace(..., weights=None)" in text and "--" not in text
+    (_vggface_dir() / name).write_bytes(b"an HTML error page, saved as the weights")
+    with pytest.raises(UserError) as unusable:
+        VGGFace(include_top=False, input_shape=(48, 48, 3))
+    text = str(unusable.value)
+    assert str(_vggface_dir() / name) in text and "not an HDF5 weight file" in text
+    assert "VGGFace(..., weights=None)" in text and "--" not in text

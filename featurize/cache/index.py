@@ -22,9 +22,9 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
-from .schema import (_CARRIED, _STR, SCHEMA_VERSION, SETTINGS_ATTRS, CHECKS,
+from .schema import (_CARRIED, _SHARD_FILE, _STR, SCHEMA_VERSION, SETTINGS_ATTRS, CHECKS,
                      _check_file_target, _open, _strings, file_digest, is_sharded, read_attrs,
-                     shard_table)
+                     shard_file, shard_table)
 from .shards import (Source, _read_failed, embeddings_dataset, fsync_replace, new_name, numbers,
                      read_source, shards_dir, write_failed, write_merged)
 
@@ -71,8 +71,10 @@ class State:
 
     def _read_index(self, option: str):
         with _open(self.path, option) as f:
-            names, runs = shard_table(f)
+            names, runs = shard_table(f, self.path)  # every name checked, as by _open
             self.retired = _strings(f["shards/retired"]) if "shards/retired" in f else []
+            for name in self.retired:
+                shard_file(self.path, name)
             failed, bad = _read_failed(f)
             dim = f["embeddings"].shape[1]
         live: dict[int, list[tuple[int, int]]] = {}
@@ -80,11 +82,11 @@ class State:
             live.setdefault(s, []).append((start, stop))
         scan = self.check == "content" or int((runs[:, 2] - runs[:, 1]).sum()) * dim * 4 <= SCAN_BYTES
         for s, spans in live.items():
+            file = shard_file(self.path, names[s])
             try:
-                src = read_source(self.path.parent / names[s], names[s], spans, scan, False)
+                src = read_source(file, names[s], spans, scan, False)
             except OSError:  # gone or unreadable: its rows are embedded again
-                src = Source(self.path.parent / names[s], names[s], [], [], [], [], [], {},
-                             damaged=True)
+                src = Source(file, names[s], [], [], [], [], [], {}, damaged=True)
             self.sources.append(replace(src, listed=True))
         self.sources.append(Source(self.path, "", [], [], [], [], [], failed, damaged=bad,
                                    listed=True))
@@ -103,8 +105,9 @@ class State:
         found = []
         for file in folder.glob("*.h5"):
             name = f"{folder.name}/{file.name}"
-            if name in listed:
-                continue
+            if name in listed or not _SHARD_FILE.fullmatch(file.name) or file.is_symlink() \
+                    or not file.is_file():
+                continue  # not a file featurize writes: never read nor removed
             try:
                 with h5py.File(file, "r") as f:
                     mine = f.attrs.get("settings_key") == self.settings.key()
@@ -358,7 +361,8 @@ def write_index(path: Path, state: State, keep: list[Entry], labelling, attrs: d
         runs += [(s, start, stop) for start, stop in _runs([src.rows[i] for i in pos])]
         labels += entry_labels
     dim = next((src.dim for src, _, _ in keep if src.dim), dim or 0)
-    retired = sorted({s.name for s in state.sources if s.listed and s.name} - set(names))
+    retired = sorted({s.name for s in state.sources  # not a migrated schema-1 file: the index
+                      if s.listed and s.name and Path(s.path) != path} - set(names))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
@@ -441,8 +445,10 @@ def _remove_unused(path: Path, state: State, keep, journal: bool):
     doomed = set(state.retired)
     if journal:
         doomed |= {s.name for s in state.sources if not s.listed and s.name not in names}
-    for name in doomed:
-        (path.parent / name).unlink(missing_ok=True)
+    for name in sorted(doomed):
+        file = shard_file(path, name, remove=True)  # None: not in this cache's own folder
+        if file is not None:
+            file.unlink(missing_ok=True)
 
 
 def _masked_note(path: Path, keep) -> list[str]:

@@ -76,7 +76,6 @@ def _remove_leftovers(path: Path):
     """Temporary files of runs and workers killed while writing; under the lock no other
     writer exists (Ray workers write only while their driver holds it)."""
     pattern = glob.escape(f".{path.name}.tmp-") + "*"
-    for tmp in path.parent.glob(pattern):
-        tmp.unlink(missing_ok=True)
-    for tmp in shards_dir(path).glob(".*.tmp-*"):
-        tmp.unlink(missing_ok=True)
+    for tmp in [*path.parent.glob(pattern), *shards_dir(path).glob(".*.tmp-*")]:
+        if tmp.is_symlink() or tmp.is_file():  # a folder of that name is none of ours
+            tmp.unlink(missing_ok=True)

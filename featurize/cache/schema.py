@@ -183,10 +183,15 @@ def _open(path, option: str = "--cache") -> h5py.File:
         f = h5py.File(path, "r")
     except OSError:
         raise UserError(_unopenable(path, option)) from None
-    problem = _schema_problem(f, path, option)
-    if problem:
+    try:
+        problem = _schema_problem(f, path, option)
+        if problem:
+            raise UserError(problem)
+        if int(f.attrs["schema_version"]) >= 2:
+            check_index_names(f, path)
+    except BaseException:
         f.close()
-        raise UserError(problem)
+        raise
     return f
 
 
@@ -288,10 +293,75 @@ class _Rows:
     info: dict = field(default_factory=dict)  # row-info columns, name -> (N,) int8
 
 
-def shard_table(f) -> tuple[list[str], np.ndarray]:
+def shard_table(f, path=None) -> tuple[list[str], np.ndarray]:
     """An index's shard files (relative to its folder) and its runs: (shard, start, stop)
-    rows, in the cache's row order."""
-    return _strings(f["shards/names"]), f["shards/runs"][()].reshape(-1, 3)
+    rows, in the cache's row order. With `path` (the index's), every name is checked
+    (`shard_file`)."""
+    names = _strings(f["shards/names"])
+    for name in names if path is not None else ():
+        shard_file(path, name)
+    return names, f["shards/runs"][()].reshape(-1, 3)
+
+
+# --- names an index gives: data, checked before any file is opened or removed --------------
+
+_SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.h5")  # part-..., merged-..., work-...
+_SHARD_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.shards")
+
+
+def damaged(path, what) -> UserError:
+    """The one-line error of a cache whose content cannot be trusted."""
+    return UserError(f"cache {path} is damaged ({what}); move it aside and run featurize "
+                     "again.")
+
+
+def shard_file(path, name: str, remove: bool = False) -> Path | None:
+    """The file that the name `name`, read from the index at `path`, stands for; anything but a
+    shard file's name is a damaged index (a UserError), so no file elsewhere is ever read,
+    written or removed. A name is `FOLDER.shards/FILE.h5` (or `FILE.h5`), relative to the
+    index's folder: plain names (no separator, no `..`, not absolute, not hidden) that resolve
+    inside that folder. `remove`: the file to delete, or None where it is not in this
+    cache's own shards folder (`CACHE.h5.shards/`; a copied cache's other folder is kept)."""
+    index = Path(path)
+    parts = name.split("/") if isinstance(name, str) else []
+    plain = (0 < len(parts) <= 2 and ".." not in name and "\\" not in name and "\0" not in name
+             and _SHARD_FILE.fullmatch(parts[-1]) is not None
+             and (len(parts) == 1 or _SHARD_FOLDER.fullmatch(parts[0]) is not None))
+    if not plain:
+        raise damaged(path, f"its index names {name!r} as a shard file, which is not a plain "
+                            f"file name inside {shards_folder_name(index)}/: nothing was read "
+                            "or removed")
+    folder = index.parent / parts[0] if len(parts) == 2 else index.parent
+    file = folder / parts[-1]
+    if os.path.realpath(file) != os.path.join(os.path.realpath(folder), parts[-1]):
+        raise damaged(path, f"its shard {name!r} is a link out of {folder}: nothing was read "
+                            "or removed")
+    if remove and (len(parts) != 2 or parts[0] != shards_folder_name(index)):
+        return None
+    return file
+
+
+def shards_folder_name(path) -> str:
+    return Path(path).name + ".shards"
+
+
+def check_index_names(f: h5py.File, path) -> None:
+    """Every file name an index gives (shards/names, shards/retired, the sources of its
+    virtual datasets) passes `shard_file`: checked when the index is opened, before any
+    of them is read."""
+    names = set(_strings(f["shards/names"])) if "shards/names" in f else set()
+    if "shards/retired" in f:
+        names.update(_strings(f["shards/retired"]))
+    f.visititems(lambda _, obj: names.update(_virtual_files(obj)))
+    for name in sorted(names):
+        shard_file(path, name)
+
+
+def _virtual_files(obj) -> set[str]:
+    if not isinstance(obj, h5py.Dataset) or not obj.is_virtual:
+        return set()
+    plist = obj.id.get_create_plist()
+    return {plist.get_virtual_filename(i) for i in range(plist.get_virtual_count())}
 
 
 def _read_shards(f, path: Path) -> _Rows:
@@ -324,17 +394,18 @@ def _read_shards(f, path: Path) -> _Rows:
 
 
 def check_shards(f: h5py.File, path) -> None:
-    """Every shard the index lists is there: a virtual dataset reads a missing source as
-    zeros, so a reader that slices `embeddings` directly checks this first."""
+    """Every shard the index lists is there: a virtual dataset reads a missing source as its
+    fill values (NaN embeddings, empty paths, zero sizes) without an error, so a reader that
+    slices `embeddings` directly checks this first."""
     if "shards" in f:
         for name in _strings(f["shards/names"]):
-            if not (Path(path).parent / name).is_file():
+            if not shard_file(path, name).is_file():
                 open_shard(path, name).close()  # raises its one-line message
 
 
 def open_shard(path: Path, name: str) -> h5py.File:
     """A shard file the index at `path` lists; missing or unreadable is a UserError."""
-    shard = Path(path).parent / name
+    shard = shard_file(path, name)
     try:
         return h5py.File(shard, "r")
     except (OSError, FileNotFoundError):
@@ -366,8 +437,7 @@ def read(path, option: str = "--cache", strict: bool = True) -> Cache:
             classes = _strings(f["classes"])
             failed = dict(zip(_strings(f["failed/paths"]), _strings(f["failed/reasons"])))
         except OSError as e:
-            raise UserError(f"cache {path} is damaged ({e}); move it aside and run featurize "
-                            "again.") from None
+            raise damaged(path, e) from None
     emb, labels = rows.embeddings, np.asarray(labels, dtype=np.int64)
     damaged = sorted(set(rows.damaged) | set(bad_labels))
     labels[bad_labels] = -1

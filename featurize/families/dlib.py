@@ -44,8 +44,8 @@ class Dlib(Family):
         return DlibExtractor(settings, weights)
 
     def prepare_pixels(self, settings, pixels):
-        from ..dlib_backbone import describe_rgb
-        return describe_rgb(pixels, settings.jitter)
+        from ..dlib_backbone import describe_rgb, jitter_scheme
+        return describe_rgb(pixels, settings.jitter, jitter_scheme(settings))
 
     def check_finetune(self, spec: Backbone) -> None:
         raise UserError("dlib-resnet is not a Keras model and cannot be fine-tuned; use a "

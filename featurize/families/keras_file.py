@@ -41,7 +41,7 @@ class KerasFile(Family):
 
     def build(self, spec, include_top, input_size, imagenet):
         import keras
-        return keras.saving.load_model(spec.builder, compile=False)
+        return keras.saving.load_model(spec.builder, compile=False, safe_mode=True)
 
     def resolve(self, spec: Backbone, weights: str, include_top: bool, download: bool):
         from ..weights import Weights, file_sha256

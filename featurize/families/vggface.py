@@ -68,13 +68,14 @@ class VGGFace(Family):
                        input_shape=None if include_top else (input_size, input_size, 3))
 
     def default_weights(self, spec: Backbone, include_top: bool, download: bool):
-        from ..weights import Weights, download_weights, file_sha256, keras_home
+        from ..weights import NO_DOWNLOAD, Weights, download_weights, file_sha256, keras_home
         wf = spec.top_weights if include_top else spec.notop_weights
         path = keras_home() / VGGFACE_CACHE_SUBDIR / wf.filename
         if not path.is_file():
             if not download:
                 raise UserError(f"weights {path} are not present; run featurize once with "
-                                f"network access, or download {wf.url} to that path.")
+                                f"network access, or download {wf.url} to that path, "
+                                f"{NO_DOWNLOAD}.")
             download_weights(wf)
         return Weights("file", str(path), file_sha256(path))
 

@@ -78,6 +78,9 @@ def check_options(config, runtime: str | None) -> None:
                                                              "int8", cpu_resize):
             raise UserError(INT8_HELP)
         require("onnx")
+    elif config.precision == "mixed" and runtime == "openvino" and _exportable(
+            get_backbone(config.backbone), "float32", cpu_resize):
+        require("openvino")  # bfloat16 on OpenVINO (`settle`)
     elif runtime not in (None, "keras") and not _exportable(get_backbone(config.backbone),
                                                             config.precision, cpu_resize):
         raise UserError(_keras_only(runtime, config.backbone))
@@ -98,6 +101,8 @@ def choose(settings, runtime: str | None = None) -> str:
     OpenVINO, else ONNX Runtime, else Keras). FEATURIZE_RUNTIME, where set, is the default
     (Keras for what only Keras runs; int8 runs on ONNX Runtime whatever it says)."""
     runtime = check_runtime(runtime)
+    if settings.precision == "mixed":
+        return _mixed_runtime(settings, runtime)
     preferred = check_runtime(requested(None), ENV_RUNTIME)
     if runtime is None and preferred is not None and settings.precision != "int8":
         return preferred if preferred == "keras" or exportable(settings) else "keras"
@@ -118,6 +123,58 @@ def choose(settings, runtime: str | None = None) -> str:
     return next((r for r in CPU_PREFERENCE if installed(r)), "keras")
 
 
+def _mixed_runtime(settings, runtime: str | None) -> str:
+    """--precision mixed runs where `settle` put it: OpenVINO in bfloat16, or Keras."""
+    from .bf16 import BF16_ENGINE
+    if settings.precision_engine == BF16_ENGINE:
+        if runtime not in (None, "openvino"):
+            raise UserError(f"these bfloat16 embeddings are OpenVINO's: use --runtime openvino "
+                            f"(or leave it out), not --runtime {runtime}.")
+        require("openvino")
+        return "openvino"
+    if runtime not in (None, "keras"):
+        raise UserError(_keras_only(runtime, settings.backbone))
+    return "keras"
+
+
+def settle(settings, runtime: str | None = None):
+    """The settings a run embeds with. --precision mixed on a CPU with native bfloat16, where
+    OpenVINO would run float32 (the default there, or --runtime openvino), runs the OpenVINO
+    export in bfloat16: its own cache key (precision_engine). Otherwise it stays Keras's mixed
+    precision (a GPU, --runtime keras, what OpenVINO cannot run); on a CPU without native
+    bfloat16 with a warning that it is emulated (--runtime openvino: a UserError)."""
+    from dataclasses import replace
+
+    from .bf16 import BF16_ENGINE, NO_NATIVE, native_bf16
+    if settings.precision != "mixed" or settings.precision_engine:
+        return settings
+    asked = check_runtime(runtime)
+    if requested(asked) not in (None, "openvino"):
+        return settings  # Keras's mixed precision (or a UserError from `choose`)
+    if not _exportable(settings.spec, "float32", settings.model_input.source is None):
+        if asked == "openvino":
+            raise UserError(_keras_only("openvino", settings.backbone))
+        return settings
+    if asked is None and (not installed("openvino") or _on_accelerator()):
+        return settings  # Keras's mixed precision on a GPU, as before
+    require("openvino")
+    if not native_bf16():
+        if asked == "openvino":
+            raise UserError(f"--runtime openvino --precision mixed: {NO_NATIVE}; use "
+                            "--precision float32 (or --runtime keras for Keras's mixed).")
+        warnings.warn(f"--precision mixed: {NO_NATIVE}; it runs on Keras (mixed_bfloat16); "
+                      "--precision float32 is faster here.", RuntimeWarning, stacklevel=2)
+        return settings
+    return replace(settings, precision_engine=BF16_ENGINE)
+
+
+def describe_precision(settings) -> str:
+    """The precision as a run's header line says it."""
+    if settings.precision_engine:
+        return "mixed: bfloat16 on OpenVINO (this CPU has native bfloat16)"
+    return settings.precision
+
+
 def _on_accelerator() -> bool:
     from ..extractor import accelerator, import_keras
     import_keras()
@@ -133,6 +190,9 @@ def build_extractor(settings, weights, runtime: str | None = None, dataset=None,
     int8 cache at `cache_path`."""
     from ..extractor import build_extractor as build_keras_extractor
     chosen = choose(settings, runtime)
+    if settings.precision_engine:
+        from .bf16 import bf16_extractor
+        return bf16_extractor(settings, weights, dataset, cache_path)
     if settings.precision == "int8":
         if dataset is None:
             raise UserError("precision int8 is calibrated on a dataset's own images: use "
@@ -155,6 +215,32 @@ def build_extractor(settings, weights, runtime: str | None = None, dataset=None,
     return build_keras_extractor(settings, weights)
 
 
+def recorded_runtime_extractor(attrs: dict):
+    """The extractor that made a cache, from its attributes (for new images: predict, search,
+    verify): the same precision on the same runtime (int8's quantised model, OpenVINO's
+    bfloat16; an fp32 cache's recorded runtime where installed, else Keras: the same
+    embeddings)."""
+    from ..extractor import EmbeddingSettings, weights_for
+    from ..extractor import build_extractor as build_keras_extractor
+    settings = EmbeddingSettings.from_json(attrs["settings"])
+    if settings.precision == "int8":  # the quantised model it was made with, not Keras
+        from .int8 import recorded_extractor
+        return recorded_extractor(settings, attrs)
+    weights = weights_for(settings, attrs.get("weights_path", ""))
+    if settings.precision_engine:
+        from .bf16 import bf16_extractor, recorded_report
+        extractor = bf16_extractor(settings, weights)
+        extractor.report = recorded_report(attrs, "bf16")
+        return extractor
+    runtime = attrs.get("runtime")
+    if runtime in REQUIRES and installed(runtime) and exportable(settings):
+        try:
+            return _exported_extractor(settings, weights, runtime)
+        except UserError:
+            pass  # an fp32 runtime is faithful: Keras gives the same embeddings
+    return build_keras_extractor(settings, weights)
+
+
 def _exported_extractor(settings, weights, runtime: str):
     from .engines import ENGINES
     from .exports import exported_model
@@ -164,4 +250,5 @@ def _exported_extractor(settings, weights, runtime: str):
     return ENGINES[runtime](exported_model(settings, weights, runtime), settings)
 
 
-__all__ = ["RUNTIMES", "build_extractor", "check_runtime", "choose", "installed", "require"]
+__all__ = ["RUNTIMES", "build_extractor", "check_runtime", "choose", "describe_precision",
+           "installed", "recorded_runtime_extractor", "require", "settle"]

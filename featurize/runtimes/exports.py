@@ -183,8 +183,12 @@ def _check_onnx_inputs(path: Path) -> None:
 
 
 def _to_openvino(saved: Path, work: Path) -> None:
-    """SavedModel -> OpenVINO IR, weights kept in float32 (OpenVINO's save_model compresses
-    them to float16 by default, which is not the same model)."""
-    import openvino as ov
-    ov.save_model(ov.convert_model(str(saved / MODEL_FILES["savedmodel"])),
-                  str(work / MODEL_FILES["openvino"]), compress_to_fp16=False)
+    """SavedModel -> OpenVINO IR with OpenVINO's TensorFlow frontend (Core.read_model), weights
+    kept in float32 (save_model compresses them to float16 by default, which is not the same
+    model). Not ov.convert_model: that sends telemetry events from forked processes, which
+    may deadlock the caller's threads (see engines.import_openvino); the frontend gives the
+    same model, and the CPU plugin optimises it when it is compiled."""
+    from .engines import import_openvino
+    ov = import_openvino()
+    model = ov.Core().read_model(str(saved / MODEL_FILES["savedmodel"]))
+    ov.save_model(model, str(work / MODEL_FILES["openvino"]), compress_to_fp16=False)

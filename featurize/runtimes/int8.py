@@ -74,11 +74,47 @@ def int8_extractor(settings, weights, dataset, cache_path=None):
         _atomically(settings, "onnx", folder,
                     lambda work: _quantise(fp32.path, calibration, work / "model.onnx"))
     extractor = Int8Extractor(replace(fp32, path=folder / "model.onnx", key=key), settings)
-    held_out, kept = _prepared(held_out_items, settings.model_input)
-    extractor.report = agreement(OnnxExtractor(fp32, fp32_settings), extractor, held_out,
-                                 [item.label for item in kept])
-    extractor.report["calibration_images"] = len(used)
+    identity = ["int8", [(i.path, i.size, i.mtime_ns, i.label) for i in held_out_items]]
+
+    def compute():
+        held_out, kept = _prepared(held_out_items, settings.model_input)
+        return agreement(OnnxExtractor(fp32, fp32_settings), extractor, held_out,
+                         [item.label for item in kept])
+    extractor.report = {**cached_report(folder, "int8", identity, compute),
+                        "calibration_images": len(used)}
     return extractor
+
+
+REPORT_VERSION = 2  # 2: with the centred cosine
+_REPORT_KEYS = ("held_out_images", "mean_cosine", "min_cosine", "mean_centred_cosine",
+                "min_centred_cosine", "max_relative_difference", "logreg_top1_agreement")
+
+
+def cached_report(folder, name: str, identity, compute) -> dict:
+    """`compute()`'s agreement report, kept in `folder` (beside the model it measures) under
+    a hash of `identity` (the held-out images): a fresh cache of the same model and sample
+    reads it instead of embedding the sample twice again."""
+    import os
+    identity = json.dumps([REPORT_VERSION, identity])
+    path = folder / f"agreement-{name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if (isinstance(data, dict) and data.get("held_out_images") is not None
+            and all(k in _REPORT_KEYS and isinstance(v, (int, float)) for k, v in data.items())):
+        return data  # data from disk: only the names and number types a report has
+    report = compute()
+    work = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        work.write_text(json.dumps(report, sort_keys=True))
+        os.replace(work, path)
+    except OSError:  # a read-only export folder: computed again next time
+        try:
+            work.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return report
 
 
 class Int8Extractor(OnnxExtractor):
@@ -159,15 +195,22 @@ def agreement(fp32, int8, images: np.ndarray, labels: list) -> dict:
         return {"held_out_images": 0}
     a = np.concatenate([fp32.embed(images[i:i + 32]) for i in range(0, len(images), 32)])
     b = np.concatenate([int8.embed(images[i:i + 32]) for i in range(0, len(images), 32)])
-    cosine = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1),
-                                           1e-12)
+    cosine = _cosine(a, b)
+    centre = a.mean(axis=0)  # the mean fp32 embedding: what every row shares
+    centred = _cosine(a - centre, b - centre)
     report = {"held_out_images": len(images), "mean_cosine": float(cosine.mean()),
-              "min_cosine": float(cosine.min()),
+              "min_cosine": float(cosine.min()), "mean_centred_cosine": float(centred.mean()),
+              "min_centred_cosine": float(centred.min()),
               "max_relative_difference": float(np.abs(a - b).max() / np.abs(a).max())}
     top1 = _head_agreement(a, b, labels)
     if top1 is not None:
         report["logreg_top1_agreement"] = top1
     return report
+
+
+def _cosine(a, b) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.sum(a * b, 1) / np.maximum(norms, 1e-12)
 
 
 def _head_agreement(a, b, labels) -> float | None:
@@ -188,14 +231,26 @@ def _head_agreement(a, b, labels) -> float | None:
     return float(np.mean(predictions[0] == predictions[1]))
 
 
+def agreement_text(report: dict) -> str:
+    """cosine and centred cosine (mean, min), head top-1 agreement, of an agreement report."""
+    text = (f"cosine mean {float(report['mean_cosine']):.5f}, min "
+            f"{float(report['min_cosine']):.5f}")
+    if "mean_centred_cosine" in report:
+        text += (f"; centred cosine mean {float(report['mean_centred_cosine']):.5f}, min "
+                 f"{float(report['min_centred_cosine']):.5f}")
+    if "logreg_top1_agreement" in report:
+        text += (f"; logistic-regression top-1 agreement "
+                 f"{float(report['logreg_top1_agreement']):.1%}")
+    return text
+
+
 def report_lines(attrs: dict) -> list[str]:
-    """The agreement report a cache's attributes hold (empty for other precisions)."""
-    if "int8_mean_cosine" not in attrs:
-        return []
-    line = (f"int8 vs fp32 on {int(attrs['int8_held_out_images'])} held-out images (calibrated "
-            f"on {int(attrs['int8_calibration_images'])}): cosine mean "
-            f"{float(attrs['int8_mean_cosine']):.5f}, min {float(attrs['int8_min_cosine']):.5f}")
-    if "int8_logreg_top1_agreement" in attrs:
-        line += (f"; logistic-regression top-1 agreement "
-                 f"{float(attrs['int8_logreg_top1_agreement']):.1%}")
-    return [line]
+    """The agreement report a cache's attributes hold: int8's or OpenVINO bfloat16's (empty
+    for other precisions)."""
+    from .bf16 import recorded_report, report_line
+    lines = [report_line(attrs)] if "bf16_mean_cosine" in attrs else []
+    if "int8_mean_cosine" in attrs:
+        lines.append(f"int8 vs fp32 on {int(attrs['int8_held_out_images'])} held-out images "
+                     f"(calibrated on {int(attrs['int8_calibration_images'])}): "
+                     + agreement_text(recorded_report(attrs, "int8")))
+    return lines
