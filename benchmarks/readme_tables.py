@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from common import REPO, RESULTS
@@ -14,7 +15,11 @@ from common import REPO, RESULTS
 
 def load(name):
     path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    r = json.loads(path.read_text()) if path.exists() else None
+    if r and "command" in r:  # a cache file of the measuring machine: named by what it holds
+        r["command"] = re.sub(r"/\S*/lfw-deepfunneled-\w+__dlib-resnet__\S+\.h5",
+                              "LFW_DLIB_CACHE.h5", r["command"])
+    return r
 
 
 def machine(r) -> str:
