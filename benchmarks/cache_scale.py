@@ -32,7 +32,7 @@ SHARD_ROWS = 125_000  # how the synthetic cache is laid out: as a run's merged s
 
 
 def settings():
-    from featurize.extractor import EmbeddingSettings
+    from featurize.settings import EmbeddingSettings
     return EmbeddingSettings(backbone="synthetic", weights="random", weights_file="random",
                              layer="", pooling="avg", input_size=32, crop=0.0, flip=False,
                              preprocessing="none", precision="float32", jitter=0)
@@ -40,14 +40,14 @@ def settings():
 
 def items(n: int, start: int = 0):
     """Fake images of 5,000 people; the paths of later ones fall among the earlier ones'."""
-    from featurize.images import Item
+    from featurize.data.images import Item
     return [Item(f"person_{i % 5000:04d}/img_{i:07d}.jpg", f"/nowhere/{i}.jpg",
                  f"person_{i % 5000:04d}", 1000 + i % 977, 1_700_000_000_000_000_000 + i)
             for i in range(start, start + n)]
 
 
 def dataset(its):
-    from featurize.images import Dataset
+    from featurize.data.images import Dataset
     return Dataset(Path("/nowhere"), "synthetic", sorted(its, key=lambda it: it.key),
                    sorted({it.label for it in its}))
 

@@ -20,11 +20,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from common import command_line, lfw_images, save
 
-from featurize.extractor import accelerator, build_extractor, default_batch_size, make_settings
-from featurize.images import ModelInput, fit, image_size, list_dataset, open_rgb
-from featurize.pipeline import batches, default_workers
+from common import command_line, lfw_images, save
+from featurize.data.images import ModelInput, fit, image_size, list_dataset, open_rgb
+from featurize.engines.pipeline import batches, default_workers
+from featurize.models.config import make_settings
+from featurize.models.keras import accelerator, default_batch_size
+from featurize.models.registry import spec_of
+from featurize.runtimes import build_extractor
 
 
 class PillowInput(ModelInput):
@@ -126,7 +129,7 @@ def main():
     n, workers = len(items), args.workers
     batch_size = args.batch_size or default_batch_size()
     settings, w = make_settings(args.backbone, args.weights, input_size=args.input_size)
-    if settings.spec.family.per_image:  # all its work is per image, in the workers
+    if spec_of(settings).family.per_image:  # all its work is per image, in the workers
         return dlib_rate(items, settings, w, workers)
     source, size = image_size(items[0].path), settings.input_size
 
@@ -146,7 +149,7 @@ def main():
                                     precision=args.precision,
                                     source_size=source if mode == "device" else None)
         t = time.perf_counter()
-        ext = build_extractor(settings, w)
+        ext = build_extractor(settings, w, "keras")
         build_s = time.perf_counter() - t
         model, compile_s = model_rate(ext, batch_size, n)
         with GpuUtilisation() as gpu:
@@ -172,7 +175,7 @@ def main():
 
 
 def dlib_rate(items, settings, w, workers):
-    ext = build_extractor(settings, w)
+    ext = build_extractor(settings, w, "keras")
     n = len(items)
     one = one_worker_rate(ext.prepare, items)
     sustained, wall = run_pipeline(items, ext, 32, workers)

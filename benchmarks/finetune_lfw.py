@@ -12,11 +12,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from classify._finetune import finetune
+from classify._train import train
 from common import command_line, lfw_images, people_subset, save
-
-from classify.finetune import finetune
-from classify.train import train
-from featurize.run import featurize
+from featurize.jobs.run import featurize
 
 
 def main():

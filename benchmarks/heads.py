@@ -16,10 +16,9 @@ import tempfile
 
 import numpy as np
 
+from classify._heads import HEADS
+from classify._train import train
 from common import command_line, save
-
-from classify.heads import HEADS
-from classify.train import train
 from featurize import cache as cache_io
 
 

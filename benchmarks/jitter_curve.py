@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import LFW, RESULTS, command_line, lfw_images, save
 
-from classify.verify import evaluate, parse_pairs
+from classify._verify import evaluate, parse_pairs
+from common import LFW, RESULTS, command_line, lfw_images, save
 
 NAME = "jitter_curve"
 SHIFTS = {"shift-left": (-0.02, 0.0), "shift-right": (0.02, 0.0), "shift-up": (0.0, -0.02),
@@ -59,8 +59,8 @@ def pass_names(max_jitter: int) -> list[str]:
 
 
 def _chip(task):
-    from featurize.dlib_backbone import face_chip
-    from featurize.images import read_rgb
+    from featurize.data.images import read_rgb
+    from featurize.models.dlib_backbone import face_chip
     root, rel = task
     chip, code = face_chip(read_rgb(str(root / rel)))
     return chip, code
@@ -84,7 +84,7 @@ def make_chips(pool, root: Path, images: list[str], work: Path) -> np.ndarray:
 
 def pass_chips(name: str, chips) -> list[np.ndarray]:
     """The chips of one pass over `chips`."""
-    from featurize.dlib_backbone import chip_digest, jitter_draw, transform_chip
+    from featurize.models.dlib_backbone import chip_digest, jitter_draw, transform_chip
     if name == "plain":
         return [np.asarray(c) for c in chips]
     if name == "mirror":
@@ -99,7 +99,7 @@ def pass_chips(name: str, chips) -> list[np.ndarray]:
 
 def _pass_task(task):
     os.nice(5) if os.getpriority(os.PRIO_PROCESS, 0) < 5 else None
-    from featurize.dlib_backbone import pass_descriptors
+    from featurize.models.dlib_backbone import pass_descriptors
     work, name, lo, hi = task
     chips = np.load(work / "chips.npy", mmap_mode="r")[lo:hi]
     out = pass_descriptors(pass_chips(name, chips))
@@ -143,7 +143,7 @@ def figures(emb: np.ndarray, images: list[str], train, test) -> dict:
     """Both View 1 protocols, cosine and euclidean, from (images, 128) embeddings."""
     from types import SimpleNamespace
 
-    from classify.verify import distances
+    from classify._verify import distances
     c = SimpleNamespace(paths=images, embeddings=emb.astype(np.float32), path="view1")
     same_train = np.array([p.same for p in train])
     out = {}
@@ -192,12 +192,34 @@ def curve(work: Path, images, train, test, max_jitter: int) -> dict:
 
 # --- the cost ------------------------------------------------------------------------------
 
-def _featurize_seconds(folder: Path, cache_dir: Path, jitter: int, workers: int) -> float:
-    from featurize.run import featurize
+def _featurize_seconds(folder: Path, cache_dir: Path, jitter: int, workers: int) -> tuple:
+    """(wall seconds, CPU seconds of this process and its worker processes) of one run."""
+    from featurize.jobs.run import featurize
+    before = _cpu_seconds()
     s = featurize(folder, backbone="dlib-resnet", jitter=jitter, workers=workers,
                   cache_dir=cache_dir, progress=False)
     assert s.failed_total == 0 and s.embedded == s.total, s
-    return s.seconds
+    return s.seconds, _cpu_seconds() - before
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its worker processes (Linux /proc): each live
+    process's own time and that of its children it has reaped (a pool's ended workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            # ppid; utime + stime + cutime + cstime (its own, and its reaped children's)
+            stats[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]))
+    mine, frontier = set(), {os.getpid()}
+    while frontier:  # this process and its descendants
+        mine |= frontier
+        frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier} - mine
+    return sum(stats[pid][1] for pid in mine if pid in stats) / tick
 
 
 def speed(root: Path, images: list[str], args) -> dict:
@@ -215,28 +237,41 @@ def speed(root: Path, images: list[str], args) -> dict:
         one = tmp / "one"
         (one / images[0]).parent.mkdir(parents=True)
         (one / images[0]).symlink_to(root / images[0])
-        startup = _featurize_seconds(one, tmp / "cache-startup", 0, args.workers)
-        by = {}
-        for n in map(int, args.speed_jitters.split(",")):
-            total = _featurize_seconds(folder, tmp / f"cache-{n}", n, args.workers)
-            seconds = total - startup
-            by[n] = {"img_per_s": args.speed_images / seconds, "seconds": seconds,
-                     "seconds_with_startup": total, "load_average": os.getloadavg()[0]}
-            print(f"--jitter {n}: {by[n]['img_per_s']:.2f} img/s", flush=True)
-        plain = by[min(by)]["seconds"]
+        # A run's fixed cost (its worker processes and their models), measured on one image
+        # after a first run has paid this process's one-time imports.
+        _featurize_seconds(one, tmp / "cache-warm-up", 0, args.workers)
+        startup, startup_cpu = _featurize_seconds(one, tmp / "cache-startup", 0, args.workers)
+        by = {n: {"seconds": 0.0, "cpu_seconds": 0.0, "seconds_with_startup": 0.0}
+              for n in map(int, args.speed_jitters.split(","))}
+        for r in range(args.speed_rounds):  # interleaved, so the shared load hits all alike
+            for n, row in by.items():
+                total, cpu = _featurize_seconds(folder, tmp / f"cache-{n}-{r}", n, args.workers)
+                row["seconds"] += total - startup
+                row["cpu_seconds"] += cpu - startup_cpu
+                row["seconds_with_startup"] += total
         for n, row in by.items():
-            row["ratio_to_n_plus_1_plain_runs"] = row["seconds"] / ((n + 1) * plain)
+            done = args.speed_images * args.speed_rounds
+            row.update(img_per_s=done / row["seconds"],
+                       img_per_cpu_s=done / row["cpu_seconds"])
+            print(f"--jitter {n}: {row['img_per_s']:.2f} img/s, "
+                  f"{row['img_per_cpu_s']:.2f} img per CPU-second", flush=True)
+        plain = by[min(by)]
+        for n, row in by.items():  # what N jitters cost against N+1 plain runs
+            row["ratio_to_n_plus_1_plain_runs"] = row["seconds"] / ((n + 1) * plain["seconds"])
+            row["cpu_ratio_to_n_plus_1_plain_runs"] = (row["cpu_seconds"]
+                                                       / ((n + 1) * plain["cpu_seconds"]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"images": args.speed_images, "workers": args.workers, "startup_seconds": startup,
+    return {"images": args.speed_images, "rounds": args.speed_rounds, "workers": args.workers,
+            "startup_seconds": startup, "load_average": os.getloadavg()[0],
             "by_jitter": by, "one_image": breakdown(root, images[:24])}
 
 
 def breakdown(root: Path, images: list[str]) -> dict:
     """Seconds per image, in this process: reading + finding the face + cutting the chip;
     one network pass alone and in batches of 2, 11 and 24 chips; one jittered copy."""
-    from featurize.dlib_backbone import face_chip, jittered_chips, pass_descriptors
-    from featurize.images import read_rgb
+    from featurize.data.images import read_rgb
+    from featurize.models.dlib_backbone import face_chip, jittered_chips, pass_descriptors
     start = time.perf_counter()
     chips = [face_chip(read_rgb(str(root / rel)))[0] for rel in images]
     out = {"chip": (time.perf_counter() - start) / len(chips)}
@@ -256,7 +291,7 @@ def breakdown(root: Path, images: list[str]) -> dict:
 def check(root: Path, images: list[str], work: Path, k: int) -> dict:
     """For the first `k` images: featurize's --jitter N (N = 0, 1, 4 and the largest stored)
     equals the mean of the stored passes 0..N, bit for bit."""
-    from featurize.dlib_backbone import describe
+    from featurize.models.dlib_backbone import describe
     stored = {}
     for name in pass_names(20):
         value = load_pass(work, name, len(images))
@@ -318,6 +353,8 @@ def main():
     ap.add_argument("--speed", action="store_true", help="measure featurize's img/s per N")
     ap.add_argument("--speed-images", type=int, default=64)
     ap.add_argument("--speed-jitters", default="0,1,2,4,10")
+    ap.add_argument("--speed-rounds", type=int, default=2,
+                    help="runs of each N, interleaved (their times are summed)")
     ap.add_argument("--check", type=int, default=0,
                     help="check K images: stored passes == featurize's --jitter N")
     ap.add_argument("--table", action="store_true", help="print the README table and exit")
@@ -330,9 +367,9 @@ def main():
     train, test = view1_pairs(LFW if args.lfw is None else Path(args.lfw).parent)
     images = sorted({q for p in train + test for q in (p.a, p.b)})
     results = _previous()
-    if args.speed:
-        results["speed"] = speed(root, images, args)
-        save(NAME, results, command_line())
+    if args.speed:  # the costs, with their own command (the curve keeps its own)
+        results["speed"] = {**speed(root, images, args), "command": command_line()}
+        save(NAME, results, results.get("command") or command_line())
         return
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:

@@ -36,10 +36,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from common import LFW, command_line, lfw_images, save
 
-from classify.verify import evaluate, parse_pairs
-from featurize.dlib_backbone import FALLBACK_BOX, model_file, models_dir
+from classify._verify import evaluate, parse_pairs
+from common import LFW, command_line, lfw_images, save
+from featurize.models.dlib_backbone import FALLBACK_BOX, model_file, models_dir
 
 _MODELS = {}
 
@@ -59,7 +59,7 @@ def _init_worker():
 
 
 def _read(path):
-    from featurize.images import read_rgb
+    from featurize.data.images import read_rgb
     return read_rgb(path)
 
 
@@ -164,7 +164,7 @@ def view1_figures(embeddings: dict, train, test) -> dict:
     """From {relative path: descriptor}, with both metrics: the 10-fold protocol within
     pairsDevTest (1,000 pairs) always; with the pairsDevTrain images too, the threshold from
     pairsDevTrain applied to pairsDevTest and the 10-fold protocol over all 3,200 pairs."""
-    from classify.verify import distances
+    from classify._verify import distances
     paths = sorted(embeddings)
     cache = SimpleNamespace(paths=paths, embeddings=np.stack([embeddings[p] for p in paths]),
                             path="view1")
@@ -217,6 +217,7 @@ def main():
     args = ap.parse_args()
     if args.table:
         import json
+
         from common import RESULTS
         print(table(json.loads((RESULTS / "lfw_gap.json").read_text())))
         return
@@ -284,7 +285,7 @@ def reuse(cache_path, root: Path, images, memo) -> int:
     still going counts too."""
     import h5py
 
-    from featurize.extractor import EmbedderConfig
+    from featurize.models.config import EmbedderConfig
     key = EmbedderConfig("dlib-resnet").settings()[0].key()
     wanted, dets, found = set(images), memo.data["detections"], 0
     store = memo.data["descriptors"]
@@ -307,7 +308,7 @@ def reuse(cache_path, root: Path, images, memo) -> int:
 
 def jitter_sample(pool, root, dets, memo, pairs, args) -> dict:
     """--jitter N against none on a random sample of View 1 pairs (10 folds within it)."""
-    from classify.verify import distances
+    from classify._verify import distances
     rng = np.random.default_rng(0)
     sample = [pairs[i] for i in sorted(rng.choice(len(pairs), args.jitter_pairs, replace=False))]
     images = sorted({q for p in sample for q in (p.a, p.b)})

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import LFW, command_line, lfw_images, people_subset, save
 
-from classify.heads import HEADS
-from classify.train import train
-from classify.verify import parse_pairs, verify
-from featurize.run import featurize
+from classify._heads import HEADS
+from classify._train import train
+from classify._verify import parse_pairs, verify
+from common import LFW, command_line, lfw_images, people_subset, save
+from featurize.jobs.run import featurize
 
 
 def subset_folder(root: Path, min_images: int, pair_files, dest: Path) -> Path:
@@ -53,7 +53,7 @@ def eigenfaces_svm(root: Path, split: dict, classes: list[str], seed: int = 0) -
     from sklearn.model_selection import RandomizedSearchCV
     from sklearn.svm import SVC
 
-    from classify.report import evaluate
+    from classify._report import evaluate
 
     def load(paths):
         # fetch_lfw_people(resize=0.4): crop rows 70:195, cols 78:172, grey, 50x37 pixels

@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import REPO, command_line, save
 from PIL import Image
+
+from common import REPO, command_line, save
 
 PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")

@@ -27,10 +27,10 @@ import argparse
 import time
 
 import numpy as np
-from common import command_line, save
 
-from classify import data, heads, openset
-from classify.options import TrainOptions
+from classify import _data as data, _heads as heads, _openset as openset
+from classify._options import TrainOptions
+from common import command_line, save
 from featurize import cache as cache_io
 
 METHODS = ("logreg max softmax", "centroid cosine", "nearest-neighbour cosine",

@@ -77,7 +77,7 @@ def _warm(folder: Path) -> int:
 
 
 def _timed(folder: Path, out: Path, options: dict, num_cpus: int | None = None) -> dict:
-    from featurize.run import featurize
+    from featurize.jobs.run import featurize
     start = time.perf_counter()
     ray_start = 0.0
     if num_cpus:

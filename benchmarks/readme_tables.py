@@ -1,7 +1,8 @@
-"""Render the README's results tables from benchmarks/results/*.json (nothing typed by hand).
+"""Render the results tables from benchmarks/results/*.json (nothing typed by hand): every
+table into docs/results.md, one headline table into README.md, each between its markers.
 
     python benchmarks/readme_tables.py            # print them
-    python benchmarks/readme_tables.py --write    # replace README.md's results section
+    python benchmarks/readme_tables.py --write    # replace those sections of docs/results.md and README.md
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from common import REPO, RESULTS
 def load(name):
     path = RESULTS / f"{name}.json"
     r = json.loads(path.read_text()) if path.exists() else None
-    if r and "command" in r:  # a cache file of the measuring machine: named by what it holds
-        r["command"] = re.sub(r"/\S*/lfw-deepfunneled-\w+__dlib-resnet__\S+\.h5",
+    if r and "command" in r:  # paths of the measuring machine: named by what they hold
+        r["command"] = re.sub(r"\S*lfw-deepfunneled(-\w+)?__dlib-resnet__\S+\.h5",
                               "LFW_DLIB_CACHE.h5", r["command"])
+        r["command"] = re.sub(r"--lfw /\S+", "--lfw LFW_DIR", r["command"])
     return r
 
 
 def machine(r) -> str:
     m = r["machine"]
     if m.get("gpu"):
-        return f"**lent GPU machine**: {m['gpu']}, {m['cpus']} cores, {m.get('backend', '-')}"
+        return f"**GPU machine**: {m['gpu']}, {m['cpus']} cores, {m.get('backend', '-')}"
     return f"{m['cpus']}-core CPU, {m.get('backend', '-')}"
 
 
@@ -38,7 +40,7 @@ def lfw_tables(out):
     if not r:
         return
     ident, v = r["identification"], r["verification_view1"]
-    out.append("### LFW with `dlib-resnet` (real pretrained weights)\n")
+    out.append("## LFW with `dlib-resnet` (real pretrained weights)\n")
     out.append("Identification: stratified 75/25 split, seed 0; the same split for every head.\n")
     out.append("| head | >=20 images: 62 people, accuracy | macro F1 | train s | >=70 images: 7 people, accuracy | macro F1 |")
     out.append("|---|---|---|---|---|---|")
@@ -55,7 +57,8 @@ def lfw_tables(out):
                f"threshold {v['threshold_from_devtrain']:.4f} chosen on pairsDevTrain.txt gives "
                f"**{v['devtest_accuracy']:.4f}**; the 10-fold protocol within pairsDevTest.txt "
                f"gives {v['devtest_10fold_accuracy']:.4f} ± {v['devtest_10fold_std']:.4f}, ROC AUC "
-               f"{v['roc_auc']:.4f}. dlib publishes 0.9938 on View 2 (pairs.txt, not available here).\n")
+               f"{v['roc_auc']:.4f}. dlib publishes 0.9938 on View 2 (pairs.txt, which these figures do "
+               "not use).\n")
     how = (f"embedded {r['embedded_now']} images in {r['embed_seconds']:.0f} s" if r["embedded_now"]
            else f"reused the cache of all {r['images']} images ({r['embed_seconds']:.1f} s)")
     out.append(f"This run {how}; command: `{r['command']}`\n")
@@ -67,11 +70,11 @@ def plumbing_table(out):
     rows = [r for r in rows if r]
     if not rows:
         return
-    out.append("### VGGFace backbones with `--weights none` (plumbing only)\n")
-    out.append("The published VGGFace weights cannot be downloaded on our machines, so these runs "
-               "prove the pipeline end to end with seeded random weights; **their accuracy says "
-               "nothing about VGGFace**. With the real weight files the architecture gives the "
-               "original's outputs (equivalence table below).\n")
+    out.append("## VGGFace backbones with `--weights none` (plumbing only)\n")
+    out.append("These runs use seeded random weights instead of the published VGGFace weights: "
+               "they prove the pipeline end to end; **their accuracy says nothing about "
+               "VGGFace**. With the real weight files the architecture gives the original's "
+               "outputs (equivalence table below).\n")
     out.append("| backbone | images | >=20 logreg accuracy | >=70 logreg accuracy | View 1 accuracy | command |")
     out.append("|---|---|---|---|---|---|")
     for r in rows:
@@ -84,7 +87,7 @@ def plumbing_table(out):
 
 
 def speed_tables(out):
-    out.append("### Speed and memory\n")
+    out.append("## Speed and memory\n")
     out.append("| what | figure | machine | command |")
     out.append("|---|---|---|---|")
     for name in sorted(p.stem for p in RESULTS.glob("throughput_*.json")):
@@ -156,7 +159,7 @@ def heads_table(out):
     if not rows:
         return
     heads = list(rows[0][1])
-    out.append("### Head training time (seconds, accuracy in brackets)\n")
+    out.append("## Head training time (seconds, accuracy in brackets)\n")
     out.append("| embeddings | " + " | ".join(heads) + " | machine | command |")
     out.append("|---" * (len(heads) + 3) + "|")
     for what, times, command, where in rows:
@@ -170,7 +173,7 @@ def equivalence_table(out):
     e = load("vggface_equivalence")
     if not e:
         return
-    out.append("### Same outputs as keras-vggface 0.6\n")
+    out.append("## Same outputs as keras-vggface 0.6\n")
     out.append("The original (TensorFlow 2.15, Keras 2) builds each model with random weights and "
                "saves them with Keras 2's `save_weights`, the layout of the published files; "
                "featurize loads that file and embeds the same raw images.\n")
@@ -190,7 +193,7 @@ def scale_table(out):
     rays = [load(p.stem) for p in sorted(RESULTS.glob("ray_overhead_*.json"))]
     if not c and not rays:
         return
-    out.append("### Scale: the sharded cache and `--engine ray`\n")
+    out.append("## Scale: the sharded cache and `--engine ray`\n")
     out.append("| what | figure | goal | machine | command |")
     out.append("|---|---|---|---|---|")
     if c:
@@ -258,7 +261,7 @@ def runtimes_table(out):
     if not r or "model_only" not in r:
         return
     p = r["peaks"]
-    out.append("### CPU runtimes and precisions (`--runtime`, `--precision`)\n")
+    out.append("## CPU runtimes and precisions (`--runtime`, `--precision`)\n")
     out.append(f"`{r['backbone']}` at {r['input_size']} px, `--weights {r['weights']}`, batch "
                f"{r['batch_size']}, model only (prepared images, contenders interleaved), "
                f"images per CPU-second of the process; CPU: {p['vendor']} family "
@@ -291,7 +294,7 @@ def runtimes_table(out):
 
 def section(out, r, title: str, intro: str, body: str) -> None:
     """One generated subsection: a title, what was measured, the table, machine and command."""
-    out.append(f"### {title}\n")
+    out.append(f"## {title}\n")
     out.append(intro)
     out.append(body)
     out.append(f"\n{machine(r)}; command: `{r['command']}`\n")
@@ -306,8 +309,8 @@ def lfw_gap_table(out):
     section(out, r, "dlib-resnet on LFW View 1: where the points go",
             "10-fold protocol over the 3,200 View 1 pairs (each fold's threshold from the other "
             "nine), the DevTrain threshold applied to DevTest, and 10-fold within DevTest; the "
-            "reasons are in \"dlib-resnet on LFW: where the published figure comes from\". "
-            "Our figure is the first row.\n", table(r))
+            "reasons are in [Faces](faces.md#lfw). featurize's figure (its default settings) "
+            "is the first row.\n", table(r))
 
 
 def openset_table(out):
@@ -333,7 +336,7 @@ def search_tables(out):
     if not r:
         return
     from search import markdown  # benchmarks/search.py: its own tables from its JSON
-    out.append("### Gallery search (`classify search`): recall@10 and queries per second\n")
+    out.append("## Gallery search (`classify search`): recall@10 and queries per second\n")
     out.append("Recall@10 against exact search; q/s with one search thread (builds use both "
                "cores). The synthetic rows are a seeded Gaussian mixture of 1,000 centres, "
                "which suits IVF's lists: LFW is the realistic recall.")
@@ -354,7 +357,7 @@ def reports_table(out):
         return
     m, v, cost = r["map"], r["verify"], r["report_cost"]
     mb = lambda n: f"{n / 1e6:.2f} MB"  # noqa: E731
-    out.append("### Reports and the embedding map (LFW, `dlib-resnet`, >= 20 images)\n")
+    out.append("## Reports and the embedding map (LFW, `dlib-resnet`, >= 20 images)\n")
     out.append("| what | figure |")
     out.append("|---|---|")
     out.append(f"| `report.html` of a logreg / ridge run | {mb(r['run_logreg']['report_bytes'])}"
@@ -372,7 +375,65 @@ def reports_table(out):
                f"`{r['command']}`\n")
 
 
+def headline(out):
+    """README.md's one table: a few figures from the files above, each with its command."""
+    rows = []
+    r = load("lfw_dlib_resnet")
+    if r:
+        logreg, v = r["identification"]["min_20"]["logreg"], r["verification_view1"]
+        rows.append(("LFW identification, 62 people (>= 20 images), `dlib-resnet` + `logreg`",
+                     f"accuracy **{logreg['accuracy']:.4f}**, head trained in "
+                     f"{logreg['train_seconds']:.2f} s", r))
+        rows.append(("LFW View 1 verification (pairsDevTest, threshold from pairsDevTrain), "
+                     "`dlib-resnet`", f"**{v['devtest_accuracy']:.4f}**, ROC AUC "
+                     f"{v['roc_auc']:.4f}", r))
+    j = load("jitter_curve")
+    if j:
+        m = j["curve"]["jitter 4"]["euclidean"]
+        rows.append(("LFW View 1 verification, `dlib-resnet --tta accurate`, 10-fold over "
+                     "3,200 pairs (euclidean)",
+                     f"**{m['tenfold_accuracy']:.4f}** ± {m['tenfold_std']:.4f}", j))
+    o = load("openset_lfw")
+    if o:
+        run = next(v for k, v in o["summary"].items() if k.startswith("run "))
+        rows.append(("open-set LFW (`--open-set`, target FAR 0.01, threshold learnt without "
+                     "the probes)", f"DIR **{run['dir']['mean']:.4f}** at FAR "
+                     f"{run['far']['mean']:.4f}", o))
+    t = load("throughput_vggface_resnet50_mixed_device_gpu")
+    if t:
+        rows.append((f"featurize `{t['backbone']}`, `--precision mixed --resize device`, "
+                     f"{t['images']:,} LFW images", f"**{img_s(t['end_to_end_img_s'])} img/s**", t))
+    v = load("vs_refit")
+    if v:
+        rows.append(("featurize once + logreg vs the frozen base re-run every epoch "
+                     f"({v['epochs']} epochs)", f"**{v['speedup']:.1f}x** faster", v))
+    c = load("cache_hit")
+    if c:
+        rows.append(("re-run on the fully cached LFW (13,233 images), whole command",
+                     f"**{c['seconds_best']:.2f} s**", c))
+    s = load("cache_scale")
+    if s:
+        a = s["append"]
+        rows.append((f"append {a['rows_added']:,} rows to a {s['rows']:,}-row cache",
+                     f"**{a['total_seconds']:.2f} s**", s))
+    if not rows:
+        return
+    out.append("| what | figure | machine | command |")
+    out.append("|---|---|---|---|")
+    for what, figure, r in rows:
+        out.append(f"| {what} | {figure} | {machine(r)} | `{r['command']}` |")
+
+
+def write_between(path, begin: str, end: str, text: str) -> None:
+    current = path.read_text()
+    start, stop = current.index(begin) + len(begin), current.index(end)
+    path.write_text(current[:start] + "\n\n" + text + "\n" + current[stop:])
+    print(f"-> {path.relative_to(REPO)}")
+
+
 BEGIN, END = "<!-- results: generated by benchmarks/readme_tables.py -->", "<!-- end of results -->"
+HEADLINE = ("<!-- headline: generated by benchmarks/readme_tables.py -->",
+            "<!-- end of headline -->")
 
 
 def main():
@@ -389,14 +450,14 @@ def main():
     scale_table(out)
     equivalence_table(out)
     text = "\n".join(out)
+    top = []
+    headline(top)
+    top = "\n".join(top)
     if "--write" not in sys.argv:
-        print(text)
+        print(top + "\n\n" + text)
         return
-    readme = REPO / "README.md"
-    current = readme.read_text()
-    start, end = current.index(BEGIN) + len(BEGIN), current.index(END)
-    readme.write_text(current[:start] + "\n\n" + text + "\n" + current[end:])
-    print(f"-> {readme}")
+    write_between(REPO / "docs" / "results.md", BEGIN, END, text)
+    write_between(REPO / "README.md", *HEADLINE, top)
 
 
 if __name__ == "__main__":

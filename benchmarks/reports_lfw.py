@@ -45,7 +45,7 @@ def report_cost(cache: str, min_per_class: int, repeats: int) -> dict:
     import tempfile
 
     import classify
-    from classify import html
+    from classify import _html as html
     run = classify.train(cache, "logreg", min_per_class=min_per_class)
 
     def saves(tmp: Path, tag: str) -> list[float]:

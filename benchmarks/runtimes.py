@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, command_line, lfw_images, save
 
-from featurize.extractor import make_settings
-from featurize.images import list_dataset
+from common import REPO, command_line, lfw_images, save
+from featurize.data.images import list_dataset
+from featurize.models.config import make_settings
 
 # Peak arithmetic per cycle per core (multiply and add counted as 2 operations), assumed:
 # AVX-512 FP32: 2 FMA units x 16 lanes (Intel Xeon, AMD Zen 5: CPU family 26); AMD Zen 4
@@ -104,14 +104,14 @@ def contenders(backbone, dataset, args) -> dict:
     from dataclasses import replace
 
     from featurize import runtimes
-    from featurize.extractor import build_extractor
+    from featurize.runtimes import build_extractor
     from featurize.runtimes.bf16 import BF16_ENGINE, native_bf16
     fp32, w = make_settings(backbone, args.weights, input_size=args.input_size)
     mixed, _ = make_settings(backbone, args.weights, input_size=args.input_size,
                              precision="mixed")
     int8, _ = make_settings(backbone, args.weights, input_size=args.input_size, precision="int8")
-    out = {"keras_fp32": (build_extractor(fp32, w), "fp32"),
-           "keras_mixed": (build_extractor(mixed, w), "bf16"),
+    out = {"keras_fp32": (build_extractor(fp32, w, "keras"), "fp32"),
+           "keras_mixed": (build_extractor(mixed, w, "keras"), "bf16"),
            "onnx_fp32": (runtimes.build_extractor(fp32, w, "onnx"), "fp32"),
            "openvino_fp32": (runtimes.build_extractor(fp32, w, "openvino"), "fp32")}
     if native_bf16():
@@ -145,7 +145,7 @@ def _cpu_seconds() -> float:
 
 def held_out_agreement(built: dict, dataset) -> dict:
     """Each contender's agreement with OpenVINO fp32 (= Keras fp32 to 1e-6) on held-out LFW."""
-    from featurize.runtimes.int8 import _prepared, agreement, sample
+    from featurize.runtimes.agreement import agreement, prepared as _prepared, sample
     _, items = sample(dataset.items, calibration=0)
     reference = built["openvino_fp32"][0]
     images, kept = _prepared(items, reference.prepare)
@@ -254,6 +254,7 @@ def main():
 def _earlier() -> dict:
     """The end-to-end figures an earlier version of this script saved (kept, with its date)."""
     import json
+
     from common import RESULTS
     try:
         old = json.loads((RESULTS / "runtimes_cpu.json").read_text())

@@ -241,7 +241,7 @@ def lfw_part(args) -> dict:
     exact_s = time.perf_counter() - t
     truth = _without_self(found, qrows, K)
     print(f"LFW {path}: {X.shape}, exact {len(Q) / exact_s:.0f} q/s (numpy, {THREADS} threads)")
-    from classify.search import Gallery
+    from classify._search import Gallery
     g = Gallery(path, k=K + 1, method="exact")
     t = time.perf_counter()
     rows, _ = g.nearest(Q)
@@ -286,7 +286,7 @@ def synthetic_part(args) -> dict:
 def calls_part(args) -> dict:
     """Whole Gallery.nearest calls (one query, a fresh Gallery each: what one `classify
     search` pays beyond embedding its image) on cache files of several sizes."""
-    from classify.search import Gallery
+    from classify._search import Gallery
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import synthetic_cache
     out = []

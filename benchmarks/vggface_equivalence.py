@@ -71,9 +71,10 @@ json.dump(layers, open(out + ".json", "w"))
 def compare(arch: str, version: int, top: bool, reference_python: str, workdir: Path, n: int):
     import keras
 
-    from featurize import vggface
-    from featurize.extractor import make_settings, build_embedding_model
-    from featurize.weights import load_keras2_h5
+    from featurize.models import vggface
+    from featurize.models.config import make_settings
+    from featurize.models.keras import build_embedding_model
+    from featurize.models.weights import load_keras2_h5
 
     stem = workdir / f"{arch}-{'top' if top else 'notop'}"
     script = workdir / "reference.py"

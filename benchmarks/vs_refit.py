@@ -13,18 +13,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import command_line, lfw_images, people_subset, save
 
-from classify.train import train
-from featurize.images import list_dataset, load_for_model
-from featurize.run import featurize
+from classify._train import train
+from common import command_line, lfw_images, people_subset, save
+from featurize.data.images import list_dataset, load_for_model
+from featurize.jobs.run import featurize
 
 
 def refit_every_epoch(folder, items, classes, args) -> float:
     import keras
 
-    from featurize.extractor import build_base, make_settings
-    from featurize.preprocessing import ImagePreprocessing
+    from featurize.models.config import make_settings
+    from featurize.models.keras import build_base
+    from featurize.models.preprocessing import ImagePreprocessing
     label = {c: i for i, c in enumerate(classes)}
     t = time.perf_counter()
     settings, w = make_settings(args.backbone, args.weights, input_size=args.input_size)

@@ -13,11 +13,20 @@ The Python API (see featurize.api):
     featurize.fetch_lfw("data/lfw")                     # python -m featurize.datasets lfw
 
 Names are imported on first use, so `import featurize` stays cheap (no Keras, no TensorFlow).
+
+The package is layered; each layer imports only from the ones before it:
+settings/errors/atomic -> data -> models -> runtimes -> cache -> engines -> jobs -> api, cli,
+estimators (tests/test_layers.py checks it). Old module paths (featurize.extractor,
+featurize.run...) still import, with a DeprecationWarning (featurize._moved).
 """
 
 from __future__ import annotations
 
 import importlib
+
+from featurize import _moved
+
+_moved.install()
 
 # public name -> the submodule that defines it
 _EXPORTS = {
@@ -26,16 +35,18 @@ _EXPORTS = {
     "open_cache": "api",
     "compact_cache": "api",
     "export_cache": "api",
-    "EmbedderConfig": "extractor",
-    "EmbeddingSettings": "extractor",
-    "FeaturizeOptions": "run",
-    "RunOptions": "run",
-    "Summary": "run",
+    "EmbedderConfig": "models.config",
+    "EmbeddingSettings": "settings",
+    "FeaturizeOptions": "jobs.run",
+    "RunOptions": "jobs.run",
+    "Summary": "jobs.run",
     "Cache": "cache",
     "UserError": "errors",
     "EmbeddingTransformer": "estimators",
-    "verify_cache": "verify",
-    "fetch_lfw": "datasets",
+    "verify_cache": "jobs.verify",
+    "fetch_lfw": "data.datasets",
+    "build_extractor": "runtimes",
+    "register_family": "models.registry",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cache as cache_io
-from .backbones import DEFAULT_BACKBONE
-from .errors import UserError, check_range
-from .extractor import EmbedderConfig, EmbeddingSettings, Extractor, default_batch_size
-from .images import ImageError
-from .run import MAX_BATCH_SIZE
-from .runtimes import build_extractor, check_runtime, settle
+from featurize import cache as cache_io
+from featurize.data.images import ImageError
+from featurize.errors import UserError, check_range
+from featurize.jobs.run import MAX_BATCH_SIZE
+from featurize.models.config import EmbedderConfig
+from featurize.models.keras import Extractor, default_batch_size
+from featurize.models.registry import DEFAULT_BACKBONE, spec_of
+from featurize.runtimes import build_extractor, check_runtime, settle
+from featurize.settings import EmbeddingSettings
 
 _SERIAL = threading.Lock()  # for families whose extractors are not thread-safe (dlib)
 PER_IMAGE_BATCH = 32  # a family that works per image has no accelerator to fill
@@ -39,8 +41,9 @@ class Embedder:
 
     The options are those of `EmbedderConfig` (crop=, flip=, precision=, jitter=, resize=,
     source_size=, align= as keywords; align="dlib" cuts each face the way the backbone was
-    trained on, see featurize.align); runtime= "keras", "onnx" or "openvino" runs the same model
-    (default None: the fastest faithful one installed, see featurize.runtimes). The weights
+    trained on, see featurize.models.align); runtime= "keras", "onnx" or "openvino" runs the
+    same model (default None: the fastest faithful one installed, see featurize.runtimes),
+    the same `featurize.build_extractor` featurize and classify use. The weights
     are resolved when it is made; the model is built once, on first use. `embedder(images)`
     takes one image or a list of them: file paths (decoded like the cache's, bad files are a
     UserError naming them), PIL images or uint8 arrays (converted to RGB and resized like a
@@ -65,7 +68,7 @@ class Embedder:
     @classmethod
     def for_cache(cls, cache) -> Embedder:
         """The embedder that made a cache (a `Cache` or its path), for new images."""
-        from .extractor import weights_for
+        from featurize.models.config import weights_for
         if isinstance(cache, dict):
             attrs = cache
         else:
@@ -100,7 +103,7 @@ class Embedder:
     def __call__(self, images, batch_size: int | None = None) -> np.ndarray:
         items = _as_list(images)
         extractor = self.extractor
-        if not self.settings.spec.family.thread_safe or self.settings.align != "none":
+        if not spec_of(self.settings).family.thread_safe or self.settings.align != "none":
             # dlib (its descriptor, or --align's detector) is not thread-safe
             with _SERIAL:
                 return self._embed(items, extractor, batch_size)
@@ -109,7 +112,8 @@ class Embedder:
     def _embed(self, items: list, extractor: Extractor, batch_size: int | None) -> np.ndarray:
         size = check_range("batch_size", batch_size, 1, MAX_BATCH_SIZE) or self.batch_size
         if size is None:
-            size = PER_IMAGE_BATCH if self.settings.spec.family.per_image else default_batch_size()
+            per_image = spec_of(self.settings).family.per_image
+            size = PER_IMAGE_BATCH if per_image else default_batch_size()
         out = np.empty((len(items), extractor.dim), dtype=np.float32)
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
@@ -127,7 +131,7 @@ class Embedder:
                 return prepare(str(image))
             except ImageError as e:
                 raise UserError(f"image {image} cannot be embedded: {e}; {_IMAGE_HELP}.") from None
-        return self.settings.spec.family.prepare_pixels(self.settings, _rgb(image, index))
+        return spec_of(self.settings).family.prepare_pixels(self.settings, _rgb(image, index))
 
 
 def _as_list(images) -> list:
@@ -151,7 +155,7 @@ def _rgb(image, index: int) -> np.ndarray:
     """In-memory pixels as an RGB uint8 array, converted the way a decoded file is."""
     from PIL import Image, ImageOps
 
-    from .images import _to_rgb
+    from featurize.data.images import _to_rgb
     if _is_pil(image):
         try:
             image = ImageOps.exif_transpose(image)  # as files are; a no-op once applied
@@ -185,7 +189,7 @@ def embed_folder(source, embedder_or_settings=None, cache=None, progress=True,
     options: fields of `EmbedderConfig` (when no embedder is given) and of `RunOptions`
     (batch_size=, workers=, check=...).
     """
-    from .run import FeaturizeOptions, featurize
+    from featurize.jobs.run import FeaturizeOptions, featurize
     embedder = embedder_or_settings if isinstance(embedder_or_settings, Embedder) else None
     if isinstance(embedder_or_settings, cache_io.Cache):  # its weights file is known too
         embedder = Embedder.for_cache(embedder_or_settings)
@@ -234,6 +238,6 @@ def export_cache(path, out, format: str = "parquet", rows_per_file: int | None =
                  overwrite: bool = False, normalize: bool = False):
     """Write a cache for vector-search tools (parquet, or npy + parquet metadata), as
     `python -m featurize export` does; `normalize`: rows at unit L2 length, as --normalize
-    (inner product is then cosine similarity). See featurize.export."""
-    from .export import export
+    (inner product is then cosine similarity). See featurize.jobs.export."""
+    from featurize.jobs.export import export
     return export(path, out, format, rows_per_file, overwrite, normalize=normalize)

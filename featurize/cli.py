@@ -1,4 +1,8 @@
-"""`python -m featurize FOLDER`, `--list-backbones` and `verify CACHE` (argparse)."""
+"""The `python -m featurize` command line: argparse subcommands `embed` (the default:
+`python -m featurize DIR` is `python -m featurize embed DIR`), `verify`, `compact`, `export`
+and `map` (featurize._subcommands). A first argument that names a subcommand is that
+subcommand; to embed a folder named like one, give it as a path (`./map`) or after `embed`.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ import threading
 import warnings
 from contextlib import contextmanager
 
-from . import cache
-from .backbones import BACKBONES
-from .errors import ArgumentParser, run_command
+from featurize import cache
+from featurize.errors import ArgumentParser, UserError, run_command
+from featurize.models.registry import BACKBONES
 
 
 def _default(options, name: str):
@@ -21,19 +25,43 @@ def _default(options, name: str):
     return next(f for f in fields(options) if f.name == name).default
 
 
+EMBED_HELP = ("Embed every image of a folder once with a frozen backbone and cache the "
+              "embeddings to HDF5. Re-running embeds only new or changed files.")
+
+
 def _parser() -> ArgumentParser:
-    from .align import ALIGNS
-    from .extractor import POOLS, PRECISIONS, RESIZES, TTA_PRESETS, EmbedderConfig as E
-    from .run import RunOptions as R
-    from .runtimes import RUNTIMES
-    p = ArgumentParser(
-        prog="python -m featurize",
-        description="Embed every image of a folder once with a frozen backbone and cache the "
-                    "embeddings to HDF5. Re-running embeds only new or changed files.",
-        epilog="Other commands: python -m featurize verify CACHE [--sample K] (check a "
-               "cache), python -m featurize compact CACHE (merge small shards), python -m "
-               "featurize export CACHE --format parquet|npy OUT (for vector search), python -m "
-               "featurize map CACHE (a 2-D map of the embeddings); each has --help.")
+    """The whole command line: one subparser per command."""
+    from featurize._subcommands import COMMANDS
+    p = ArgumentParser(prog="python -m featurize", description=EMBED_HELP,
+                       epilog="python -m featurize DIR is python -m featurize embed DIR. "
+                              "Other commands: python -m featurize verify CACHE [--sample K] "
+                              "(check a cache), compact CACHE (merge small shards), export "
+                              "CACHE OUT --format parquet|npy (for vector search), map CACHE "
+                              "(a 2-D map of the embeddings); each has --help.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    _embed_arguments(sub.add_parser("embed", help="embed a folder of images (the default)",
+                                    description=EMBED_HELP))
+    for name, command in COMMANDS.items():
+        command.arguments(sub.add_parser(name, help=command.help,
+                                         description=command.description,
+                                         epilog=command.epilog))
+    return p
+
+
+def parse(argv: list[str]):
+    """The parsed command line; without a command name first, the command is `embed`."""
+    from featurize._subcommands import COMMANDS
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("embed", "-h", "--help")):
+        argv = ["embed", *argv]
+    return _parser().parse_args(argv)
+
+
+def _embed_arguments(p: ArgumentParser) -> None:
+    from featurize.jobs.run import RunOptions as R
+    from featurize.models.align import ALIGNS
+    from featurize.models.config import EmbedderConfig as E
+    from featurize.runtimes import RUNTIMES
+    from featurize.settings import POOLS, PRECISIONS, RESIZES, TTA_PRESETS
     p.add_argument("source", nargs="?", help="folder of class folders, flat folder, or list file")
     p.add_argument("--backbone", default=_default(E, "backbone"), help="default: %(default)s")
     p.add_argument("--weights", default=_default(E, "weights"),
@@ -72,12 +100,11 @@ def _parser() -> ArgumentParser:
                    help="where to crop and resize: cpu (Pillow) or device (in the model, on the "
                         "GPU; from the first image's size: for folders of one image size)")
     _run_arguments(p)
-    return p
 
 
 def _run_arguments(p: ArgumentParser) -> None:
     """How a run goes (RunOptions and the command line's own flags), not what it computes."""
-    from .run import ENGINES, RunOptions as R
+    from featurize.jobs.run import ENGINES, RunOptions as R
     p.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 32 on a CPU")
     p.add_argument("--workers", type=int, help="decoding workers (default: CPU count)")
     p.add_argument("--out", help="cache file (default: derived from dataset and settings)")
@@ -106,18 +133,6 @@ def _run_arguments(p: ArgumentParser) -> None:
                         "nothing")
 
 
-def _verify_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m featurize verify",
-                                description="Check a cache: shapes, finite rows, files present, "
-                                            "and optionally re-embed a sample and compare.")
-    p.add_argument("cache")
-    p.add_argument("--sample", type=int, default=0, help="re-embed K random images and compare")
-    p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest difference allowed, relative to the embeddings' scale (max "
-                        "abs value of the rows compared)")
-    return p
-
-
 def list_backbones() -> str:
     rows = [f"{'name':<20} {'input':>5} {'dim':>5}  {'align':<6} weights"]
     for spec in BACKBONES.values():
@@ -130,7 +145,7 @@ def list_backbones() -> str:
 def faces_line(counts: dict) -> str:
     """How this run's faces were found, e.g. "faces: 998 hog, 2 fixed-box (no face found:
     the fixed central box was used)"."""
-    from .align import FACE_CODES, FACE_FIXED_BOX
+    from featurize.models.align import FACE_CODES, FACE_FIXED_BOX
     parts = [f"{n} {FACE_CODES.get(code, 'unknown')}" for code, n in sorted(counts.items())]
     line = "faces: " + ", ".join(parts)
     if counts.get(FACE_FIXED_BOX):
@@ -208,36 +223,39 @@ def _stderr_silenced():
         os.close(devnull)
 
 
-SUBCOMMANDS = {"compact": "featurize.compact", "export": "featurize.export", "map": "featurize.map"}
-
-
 def _main(argv) -> int:
-    if argv[:1] and argv[0] in SUBCOMMANDS:  # each module has main(argv) -> exit code
-        module = importlib.import_module(SUBCOMMANDS[argv[0]])
-        return module.main(argv[1:])
-    if argv[:1] == ["verify"]:
-        from .verify import verify_cache
-        args = _verify_parser().parse_args(argv[1:])
-        report = verify_cache(args.cache, sample=args.sample, tolerance=args.tolerance)
-        print(report.text())
-        return 0 if report.ok else 1
-    args = _parser().parse_args(argv)
+    try:
+        args = parse(argv)
+    except UserError as e:
+        raise UserError(f"{e}{_named_like_a_command(argv)}") from None
+    if args.command != "embed":
+        from featurize._subcommands import COMMANDS
+        return COMMANDS[args.command].run(args)
     if args.list_backbones:
         print(list_backbones())
         return 0
     if args.doctor:
-        from .doctor import report
+        from featurize.jobs.doctor import report
         print(report(options_from(args)))
         return 0
     if not args.source:
-        _parser().error("give a folder of images (or --list-backbones, or verify CACHE)")
+        raise UserError("give a folder of images (or --list-backbones, or a command: verify, "
+                        "compact, export, map); see python -m featurize --help.")
     return _featurize(args)
+
+
+def _named_like_a_command(argv) -> str:
+    """A hint when the first argument is a command's name and also a folder here."""
+    if argv and argv[0] != "embed" and os.path.isdir(argv[0]) and not argv[0].endswith("/"):
+        return (f" (to embed the folder {argv[0]!r}, write python -m featurize ./{argv[0]} or "
+                f"python -m featurize embed {argv[0]})")
+    return ""
 
 
 def options_from(args):
     """The FeaturizeOptions the command line's arguments give (checked when made)."""
-    from .extractor import EmbedderConfig
-    from .run import FeaturizeOptions, RunOptions
+    from featurize.jobs.run import FeaturizeOptions, RunOptions
+    from featurize.models.config import EmbedderConfig
     embedding = EmbedderConfig(
         backbone=args.backbone, weights=args.weights, layer=args.layer, pool=args.pool,
         input_size=args.input_size, crop=args.crop, flip=args.flip, precision=args.precision,
@@ -251,8 +269,8 @@ def options_from(args):
 
 
 def _featurize(args) -> int:
-    from .extractor import jitter_cost_line
-    from .run import featurize
+    from featurize.jobs.run import featurize
+    from featurize.models.config import jitter_cost_line
     options = options_from(args)
     if cost := jitter_cost_line(options.embedding):
         print(cost, flush=True)  # before the run: what --jitter/--tta will cost
@@ -272,7 +290,7 @@ def _featurize(args) -> int:
     if s.degenerate:
         print(f"warning: {s.degenerate}", file=sys.stderr)
     if s.committed and args.precision in ("int8", "mixed"):
-        from .runtimes.int8 import report_lines
+        from featurize.runtimes.agreement import report_lines
         print(*report_lines(cache.read_attrs(s.path)), sep="\n")
     if s.interrupted:
         return 130

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 import os
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from .errors import UserError
-from .extractor import make_settings
-from .runtimes import build_extractor
-from .images import Item
-from .pipeline import batches
+from featurize.data.images import Item
+from featurize.engines.pipeline import batches
+from featurize.errors import UserError
+from featurize.models.align import ALIGNS
+from featurize.models.config import make_settings
+from featurize.runtimes import RUNTIMES, build_extractor, settle
+from featurize.settings import MAX_JITTER, PRECISIONS, TTA_PRESETS
 
 MAX_BATCH_SIZE = 8192  # as featurize's --batch-size
 MAX_WORKERS = 256  # as featurize's --workers
@@ -40,8 +42,11 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
     taken from it instead of being computed again; the cache is only read, never written.
     A file that cannot be embedded is an error naming it.
 
-    Parameters are those of `python -m featurize` (`--backbone`, `--weights`, `--layer`,
-    `--pool`, `--input-size`, `--batch-size`, `--workers`: decoding threads or processes).
+    Parameters are those of `featurize.Embedder` and `python -m featurize` (`--backbone`,
+    `--weights`, `--layer`, `--pool`, `--input-size`, `--crop`, `--flip`, `--precision`,
+    `--align`, `--tta`, `--jitter`, `--runtime`, `--batch-size`, `--workers`: decoding
+    threads or processes); `runtime` None runs where the cache's rows were made (or the
+    fastest faithful runtime installed, without a cache).
     `fit` checks them and resolves the weights (downloading them once) but builds no model:
     that happens on the first `transform` that needs one. The model is not pickled: a copy
     builds it again. Under GridSearchCV every fold's clone does, so give it a `cache` of the
@@ -61,20 +66,33 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, MAX_BATCH_SIZE, closed="both")],
         "cache": [str, os.PathLike, None],
         "workers": [Interval(Integral, 1, MAX_WORKERS, closed="both"), None],
+        "crop": [Interval(Real, 0, 1, closed="right"), None],
+        "flip": ["boolean"],
+        "precision": [StrOptions(set(PRECISIONS) - {"int8"})],
+        "align": [StrOptions(set(ALIGNS)), None],
+        "tta": [StrOptions(set(TTA_PRESETS)), None],
+        "jitter": [Interval(Integral, 0, MAX_JITTER, closed="both")],
+        "runtime": [StrOptions(set(RUNTIMES)), None],
     }
 
     def __init__(self, backbone="vggface-resnet50", weights="default", layer=None, pool=None,
-                 input_size=None, batch_size=32, cache=None, workers=None):
+                 input_size=None, batch_size=32, cache=None, workers=None, crop=None,
+                 flip=False, precision="float32", align=None, tta=None, jitter=0,
+                 runtime=None):
         self.backbone, self.weights, self.layer, self.pool = backbone, weights, layer, pool
         self.input_size, self.batch_size, self.cache = input_size, batch_size, cache
-        self.workers = workers
+        self.workers, self.crop, self.flip, self.precision = workers, crop, flip, precision
+        self.align, self.tta, self.jitter, self.runtime = align, tta, jitter, runtime
 
     def fit(self, X=None, y=None):
         """Check the parameters, resolve the weights and check `cache` against them."""
         self._validate_params()
         settings, weights = make_settings(
             backbone=os.fspath(self.backbone), weights=os.fspath(self.weights),
-            layer=self.layer, pool=self.pool, input_size=self.input_size)
+            layer=self.layer, pool=self.pool, input_size=self.input_size, crop=self.crop,
+            flip=self.flip, precision=self.precision, align=self.align, tta=self.tta,
+            jitter=self.jitter)
+        settings = settle(settings, self.runtime)  # mixed: bfloat16 on OpenVINO, as featurize
         if getattr(self, "settings_", None) != settings:
             self.__dict__.pop("_extractor", None)  # made for other settings
         self.settings_, self.weights_ = settings, weights
@@ -110,8 +128,8 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
     def _get_extractor(self):
         extractor = self.__dict__.get("_extractor")
         if extractor is None:
-            extractor = self._extractor = build_extractor(self.settings_, self.weights_,
-                                                          _cache_runtime(self.cache))
+            runtime = self.runtime or _cache_runtime(self.cache)
+            extractor = self._extractor = build_extractor(self.settings_, self.weights_, runtime)
         return extractor
 
     # The Keras model is not pickled: a copy (a saved pipeline, a worker of GridSearchCV's
@@ -166,19 +184,19 @@ def _fingerprint(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _cache_runtime(path) -> str:
+def _cache_runtime(path) -> str | None:
     """The runtime that made the cache at `path` (its rows and ours then come from the same
-    engine), where installed; Keras without a cache."""
-    from . import cache, runtimes
+    engine), where installed; None (the default featurize chooses) without a cache."""
+    from featurize import cache, runtimes
     if path is None:
-        return "keras"
+        return None
     recorded = cache.read_attrs(path, option="cache").get("runtime")
     return recorded if recorded in runtimes.REQUIRES and runtimes.installed(recorded) else "keras"
 
 
 def _check_cache_settings(path, settings) -> dict:
     """The cache's attributes, after checking it was made with `settings`."""
-    from . import cache
+    from featurize import cache
     attrs = cache.read_attrs(path, option="cache")
     if attrs.get("settings_key") != settings.key():
         ours = json.loads(settings.to_json())
@@ -193,7 +211,7 @@ def _check_cache_settings(path, settings) -> dict:
 def _cached_rows(path, settings, paths: list[str]) -> dict[str, np.ndarray]:
     """{path: embedding} for the paths whose file the cache holds as it is now (same
     absolute path, size and mtime)."""
-    from . import cache
+    from featurize import cache
     _check_cache_settings(path, settings)  # it may have been replaced since fit
     c = cache.read(path, option="cache")
     root = c.attrs["dataset_root"]

@@ -1,5 +1,10 @@
 import os
+import subprocess
+import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -11,8 +16,96 @@ import numpy as np
 import pytest
 from PIL import Image
 
-LFW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lfw"
+REPO = Path(__file__).resolve().parents[1]
+LFW = REPO.parent / "shared" / "datasets" / "lfw"
 LFW_IMAGES = LFW / "lfw-deepfunneled"
+
+
+# --- command lines: in a fresh process, or called in this one -------------------------------------
+
+class Ran(NamedTuple):
+    """What a command line did: exit code and what it printed (a CompletedProcess's names)."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_env(*, path=(), drop=(), **extra) -> dict:
+    """The environment of a fresh process: this test's (its KERAS_HOME too) without the names in
+    `drop`, `path` then the repository first on PYTHONPATH, and `extra` (str() of each)."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    entries = [*map(str, path), str(REPO), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(e for e in entries if e)
+    return {**env, **{k: str(v) for k, v in extra.items()}}
+
+
+def cli_command(module: str, *args) -> list[str]:
+    """`python -m MODULE ARGS` as an argv list (for subprocess.Popen)."""
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def run_cli(module: str, *args, cwd=None, env=None, timeout=600) -> Ran:
+    """`python -m MODULE ARGS` in a fresh process (env: cli_env() unless given)."""
+    return _run(cli_command(module, *args), cwd, env, timeout)
+
+
+def run_python(code, *args, cwd=None, env=None, timeout=600) -> Ran:
+    """A fresh Python running `code` (`python -c`), or the script file `code` names (a Path)."""
+    program = [str(code)] if isinstance(code, Path) else ["-c", code]
+    return _run([sys.executable, *program, *map(str, args)], cwd, env, timeout)
+
+
+def _run(argv, cwd, env, timeout) -> Ran:
+    proc = subprocess.run(argv, cwd=cwd, env=cli_env() if env is None else env,
+                          capture_output=True, text=True, timeout=timeout)
+    return Ran(proc.returncode, proc.stdout, proc.stderr)
+
+
+@contextmanager
+def working_directory(path):
+    """Run a block in `path` (None: where we are)."""
+    before = os.getcwd()
+    if path is not None:
+        os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def call_cli(module: str, *args, cwd=None) -> Ran:
+    """A command line called in this process, for tests whose point is not a fresh process
+    (a mistake's message and exit code, a computation): `main(argv)` of featurize, classify or
+    featurize.datasets, run in `cwd`, its stdout and stderr captured."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+    if module == "featurize":
+        from featurize.cli import main
+    elif module == "classify":
+        from classify.cli import main
+    elif module == "featurize.datasets":
+        from featurize.datasets import main
+    else:
+        raise ValueError(f"no command line {module}")
+    out, err = io.StringIO(), io.StringIO()
+    with working_directory(cwd), redirect_stdout(out), redirect_stderr(err), \
+            warnings.catch_warnings():
+        _python_default_warning_filters()  # not pytest's: the warnings a user's run shows
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # --help
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def _python_default_warning_filters():
+    """The filters Python starts with (no -W, no PYTHONWARNINGS)."""
+    warnings.resetwarnings()
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__",
+                            append=True)
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                     ResourceWarning):
+        warnings.filterwarnings("ignore", category=category, append=True)
 
 
 def write_image(path: Path, seed: int, size=(40, 40), fmt=None, mode="RGB"):
@@ -47,7 +140,7 @@ def same(rtol=1e-4) -> float:
     """Relative tolerance for "the same computation": `rtol` in float32 on a CPU; GPUs run
     float32 convolutions on TF32 matrix units with batch-size-dependent kernels (measured on
     the lent H100 with JAX: differences up to ~1e-2 relative on small values)."""
-    from featurize.extractor import accelerator
+    from featurize.models.keras import accelerator
     return 1e-2 if accelerator() else rtol
 
 
@@ -59,8 +152,8 @@ def synthetic_cache(path: Path, X, y, classes, paths=None, backbone="vggface-vgg
                     weights="random-seed0", weights_file="random"):
     """A cache file with given embeddings, written through featurize's own cache module."""
     from featurize import cache
-    from featurize.extractor import EmbeddingSettings
-    from featurize.images import Dataset, Item
+    from featurize.data.images import Dataset, Item
+    from featurize.settings import EmbeddingSettings
 
     settings = EmbeddingSettings(backbone=backbone, weights=weights, weights_file=weights_file,
                                  layer="", pooling="avg", input_size=32, crop=0.0, flip=False,
@@ -133,6 +226,7 @@ def as_schema1(path: Path) -> Path:
     import shutil
 
     import h5py
+
     from featurize import cache
     c = cache.read(path, strict=False)
     s = h5py.string_dtype("utf-8")
@@ -163,6 +257,7 @@ def shard_files(path: Path) -> tuple[set, set]:
     """(the shard files the index lists, the files in its shards folder), as paths relative to
     the index's folder."""
     import h5py
+
     from featurize import cache
     with h5py.File(path, "r") as f:
         listed = {n.decode() for n in f["shards/names"][()]}

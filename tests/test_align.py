@@ -6,18 +6,15 @@ The geometry is checked on real LFW images (skipped without ../shared or dlib): 
 
 import hashlib
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import LFW_IMAGES, lfw_available, one_line_error, write_image
+from conftest import LFW_IMAGES, call_cli, lfw_available, one_line_error, write_image
+from featurize.models.inputs import model_input
 
-REPO = Path(__file__).resolve().parents[1]
 HAS_DLIB = __import__("importlib").util.find_spec("dlib") is not None
 needs_dlib = pytest.mark.skipif(not HAS_DLIB,
                                 reason="dlib not installed (pip install -e '.[dlib]')")
@@ -25,17 +22,6 @@ needs_lfw = pytest.mark.skipif(not lfw_available(), reason="../shared/datasets/l
 TINY = ["--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32", "--quiet"]
 LFW_SAMPLE = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Aaron_Peirsol/Aaron_Peirsol_0002.jpg",
               "Colin_Powell/Colin_Powell_0007.jpg", "Colin_Powell/Colin_Powell_0008.jpg"]
-
-
-def _env():
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path}
-
-
-def _cli(*args, cwd):
-    p = subprocess.run([sys.executable, "-m", "featurize", *map(str, args)], env=_env(), cwd=cwd,
-                       capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
 
 
 def _points(shape, n=5):
@@ -51,10 +37,10 @@ def test_the_crop_holds_the_landmarks_where_the_protocol_puts_them(name):
     """Expected: the detector box's centre at the crop's centre, its side grown by 0.3 and
     brought to 256 px, the eyes level; dlib's 5-point model on the crop must agree."""
 
-    from featurize.align import AlignedInput
-    from featurize.dlib_backbone import _finders
-    from featurize.families.vggface import VGGFACE2_CROP as protocol
-    from featurize.images import read_rgb
+    from featurize.data.images import read_rgb
+    from featurize.models.align import AlignedInput
+    from featurize.models.dlib_backbone import _finders
+    from featurize.models.families.vggface import VGGFACE2_CROP as protocol
     rgb = read_rgb(str(LFW_IMAGES / name))
     detector, predictor = _finders()
     box = min(detector(rgb, 0), key=lambda r: abs(r.center().x - 125) + abs(r.center().y - 125))
@@ -86,10 +72,10 @@ def test_the_crop_holds_the_landmarks_where_the_protocol_puts_them(name):
 def test_where_hog_finds_no_face_the_cnn_detector_does():
     """One of the LFW faces HOG misses (upsampled too): dlib's CNN detector finds it, the
     row says so, and the crop is centred on that face."""
-    from featurize.align import AlignedInput
-    from featurize.dlib_backbone import _cnn, _detect
-    from featurize.families.vggface import VGGFACE2_CROP as protocol
-    from featurize.images import read_rgb
+    from featurize.data.images import read_rgb
+    from featurize.models.align import AlignedInput
+    from featurize.models.dlib_backbone import _cnn, _detect
+    from featurize.models.families.vggface import VGGFACE2_CROP as protocol
     rgb = read_rgb(str(LFW_IMAGES / "Colin_Montgomerie/Colin_Montgomerie_0004.jpg"))
     assert _detect(rgb)[1] == 3  # without the CNN detector: the fixed box
     crop, info = AlignedInput(protocol.crop, protocol).pixels_with_info(rgb)
@@ -101,9 +87,9 @@ def test_where_hog_finds_no_face_the_cnn_detector_does():
 @needs_dlib
 @pytest.mark.parametrize("kind", ["noise", "blank"])
 def test_no_face_gives_the_same_fixed_crop_every_time_and_says_so(kind):
-    from featurize.align import FACE_FIXED_BOX, AlignedInput
-    from featurize.dlib_backbone import FALLBACK_BOX
-    from featurize.families.vggface import VGGFACE2_CROP as protocol
+    from featurize.models.align import FACE_FIXED_BOX, AlignedInput
+    from featurize.models.dlib_backbone import FALLBACK_BOX
+    from featurize.models.families.vggface import VGGFACE2_CROP as protocol
     rng = np.random.default_rng(3)
     side = 100  # small: where HOG finds nothing, dlib's CNN detector is tried (slow)
     rgb = (rng.integers(0, 256, (side, side, 3)) if kind == "noise"
@@ -115,8 +101,8 @@ def test_no_face_gives_the_same_fixed_crop_every_time_and_says_so(kind):
     np.testing.assert_array_equal(first, again)
     # the fixed box, not turned: a white square drawn in it lands centred in the crop
     marked = np.zeros_like(rgb)
-    l, t, r, b = (int(f * side) for f in FALLBACK_BOX)
-    marked[t:b, l:r] = 255
+    left, t, r, b = (int(f * side) for f in FALLBACK_BOX)
+    marked[t:b, left:r] = 255
     crop = aligned.pixels(marked).mean(axis=2)
     inside = crop > 127
     rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
@@ -128,7 +114,8 @@ def test_no_face_gives_the_same_fixed_crop_every_time_and_says_so(kind):
 # --- settings, key, provenance -------------------------------------------------------------
 
 def test_the_preset_is_in_the_key_and_caches_without_it_keep_theirs():
-    from featurize.extractor import EmbedderConfig, EmbeddingSettings
+    from featurize.models.config import EmbedderConfig
+    from featurize.settings import EmbeddingSettings
     plain, _ = EmbedderConfig("vggface-vgg16", weights="none", input_size=32).settings()
     assert plain.align == "none"
     old_json = json.dumps({k: v for k, v in json.loads(plain.to_json()).items() if k != "align"},
@@ -141,11 +128,11 @@ def test_the_preset_is_in_the_key_and_caches_without_it_keep_theirs():
                                     align="dlib").settings()
         assert aligned.align == "dlib" and aligned.key() != plain.key()
         assert EmbeddingSettings.from_json(aligned.to_json()) == aligned
-        assert type(aligned.model_input).__name__ == "AlignedInput"
+        assert type(model_input(aligned)).__name__ == "AlignedInput"
 
 
 def test_list_backbones_names_each_face_models_preset(tmp_path):
-    code, out, err = _cli("--list-backbones", cwd=tmp_path)
+    code, out, err = call_cli("featurize", "--list-backbones")
     assert code == 0, err
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert rows["name"][3] == "align"
@@ -156,7 +143,7 @@ def test_list_backbones_names_each_face_models_preset(tmp_path):
 
 def test_align_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     from featurize.errors import UserError
-    from featurize.extractor import EmbedderConfig
+    from featurize.models.config import EmbedderConfig
     write_image(tmp_path / "imgs" / "a.jpg", 0)
     for args, needles in [
             (["--backbone", "mobilenet_v2", "--weights", "none", "--align", "dlib"],
@@ -164,8 +151,8 @@ def test_align_mistakes_are_one_line_errors(tmp_path, monkeypatch):
             (TINY + ["--align", "dlib", "--crop", "0.5"], ["--align dlib", "--crop"]),
             (["--backbone", "dlib-resnet", "--align", "none"], ["--align none"]),
             (TINY + ["--align", "mtcnn"], ["--align"])]:
-        code, out, err = _cli(tmp_path / "imgs", *args, "--cache-dir", tmp_path / "c",
-                              cwd=tmp_path)
+        code, out, err = call_cli("featurize", tmp_path / "imgs", *args, "--cache-dir",
+                                  tmp_path / "c", cwd=tmp_path)
         one_line_error(code, err, *needles)
     assert not (tmp_path / "c").exists()  # checked before anything is written
     monkeypatch.setitem(sys.modules, "dlib", None)  # dlib not installed: say how to get it
@@ -177,7 +164,8 @@ def test_align_mistakes_are_one_line_errors(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def aligned_run(tmp_path_factory):
-    """featurize --align dlib in a fresh process on four LFW faces and one noise image."""
+    """featurize --align dlib on four LFW faces and one noise image (test_dlib_models runs it
+    in a fresh process)."""
     if not (lfw_available() and HAS_DLIB):
         pytest.skip("needs ../shared/datasets/lfw and dlib")
     tmp = tmp_path_factory.mktemp("align")
@@ -186,15 +174,15 @@ def aligned_run(tmp_path_factory):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(LFW_IMAGES / name)
     write_image(tmp / "data" / "Nobody" / "noise.png", 7, size=(120, 120))
-    code, out, err = _cli(tmp / "data", *TINY, "--align", "dlib", "--cache-dir", tmp / "c",
-                          cwd=tmp)
+    code, out, err = call_cli("featurize", tmp / "data", *TINY, "--align", "dlib", "--cache-dir",
+                              tmp / "c", cwd=tmp)
     assert code == 0 and "Traceback" not in err, err
     return tmp, out, next((tmp / "c").glob("*.h5"))
 
 
 def test_a_run_records_the_preset_and_how_each_face_was_found(aligned_run):
     import featurize
-    from featurize.align import FACE_FIXED_BOX
+    from featurize.models.align import FACE_FIXED_BOX
     tmp, out, path = aligned_run
     assert "faces: 4 hog, 1 fixed-box (no face found" in out
     c = featurize.open_cache(path)
@@ -210,9 +198,8 @@ def test_new_images_are_aligned_as_the_cache_was(aligned_run):
     """classify predict embeds new images with the cache's settings (extractor_for), and
     featurize.Embedder.for_cache in memory: both give the cache's rows."""
     import featurize
-    from featurize.extractor import extractor_for
-    from featurize.images import Item, read_rgb
-    from featurize.pipeline import batches
+    from featurize.data.images import Item, read_rgb
+    from featurize.engines.pipeline import batches
     tmp, _, path = aligned_run
     c = featurize.open_cache(path)
     files = [tmp / "data" / p for p in c.paths]
@@ -256,8 +243,8 @@ def test_row_info_columns_survive_shards_merges_and_old_rows(tmp_path):
     """Rows written with a column, rows written before it existed (-1), merged by compact:
     the index's view and open_cache agree throughout; a cache without any has none."""
     from featurize import cache
-    from featurize.extractor import EmbeddingSettings
-    from featurize.images import Dataset, Item
+    from featurize.data.images import Dataset, Item
+    from featurize.settings import EmbeddingSettings
     settings = EmbeddingSettings("vggface-vgg16", "random-seed0", "random", "", "avg", 32, 0.0,
                                  False, "vggface1", "float32", 0)
     path = tmp_path / "c.h5"
@@ -297,8 +284,8 @@ def test_row_info_columns_survive_shards_merges_and_old_rows(tmp_path):
 def test_without_dlib_every_aligned_path_is_one_line(monkeypatch):
     """predict, search and verify --sample on an --align dlib cache reach the detector through
     these: without dlib they give the install line, not an ImportError."""
-    from featurize import dlib_backbone
     from featurize.errors import UserError
+    from featurize.models import dlib_backbone
     for load in (dlib_backbone._finders, dlib_backbone._net, dlib_backbone._cnn):
         load.cache_clear()
     monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib raises ImportError
@@ -309,3 +296,9 @@ def test_without_dlib_every_aligned_path_is_one_line(monkeypatch):
     finally:
         for load in (dlib_backbone._finders, dlib_backbone._net, dlib_backbone._cnn):
             load.cache_clear()
+
+
+def extractor_for(attrs):  # what predict, search and `featurize verify` use for new images
+    from featurize.runtimes import build_extractor
+    from featurize.settings import EmbeddingSettings
+    return build_extractor(EmbeddingSettings.from_json(attrs["settings"]), cache_attrs=attrs)

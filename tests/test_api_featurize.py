@@ -1,35 +1,25 @@
 """The featurize Python API (issue #12): Embedder, embed_folder, open_cache, typed options,
 and a caller's process left as it was found."""
 
-import os
-import random
 import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_folder, same, write_image
 from PIL import Image, ImageFile
 
 import featurize
-from featurize import dlib_backbone
+from conftest import call_cli, cli_env, make_folder, run_python, same, write_image
 from featurize.errors import UserError
+from featurize.models import dlib_backbone
 
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32)
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
-            "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-
-def _run_script(script: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+def _run_script(script: str, cwd: Path):
+    return run_python(script, cwd=cwd, env=cli_env(TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
 
 
 def _rows(cache, root: Path, paths) -> np.ndarray:
@@ -88,7 +78,7 @@ def test_embedder_mistakes_are_one_clear_error(tmp_path):
         embedder([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.float32)])
     with pytest.raises(UserError, match="cannot embed a int"):
         embedder(3)
-    with pytest.raises(UserError, match="--crop must be a fraction"):
+    with pytest.raises(UserError, match="^crop must be a fraction"):
         featurize.Embedder(**TINY, crop=1.5)
     with pytest.raises(UserError, match="unknown backbone"):
         featurize.Embedder("vgg-nope")
@@ -142,9 +132,9 @@ def test_embed_folder_is_incremental_and_returns_the_opened_cache(tmp_path):
 def test_embed_folder_options_are_checked_before_anything_is_written(tmp_path):
     folder = make_folder(tmp_path / "faces", classes=("a",), per_class=1)
     embedder = featurize.Embedder(**TINY)
-    for options, message in ((dict(workers=-1), "--workers must be between 1 and 256"),
-                             (dict(flush_rows=0), "--checkpoint-rows must be at least 1"),
-                             (dict(check="sha"), "--check must be mtime or content"),
+    for options, message in ((dict(workers=-1), "^workers must be between 1 and 256"),
+                             (dict(flush_rows=0), "^flush_rows must be at least 1"),
+                             (dict(check="sha"), "^check must be mtime or content"),
                              (dict(input_size=64), "input_size belong to the Embedder")):
         with pytest.raises(UserError, match=message):
             featurize.embed_folder(folder, embedder, cache=tmp_path / "c", **options)
@@ -180,14 +170,14 @@ def test_cache_to_pandas_without_pandas_says_how_to_get_it(tmp_path, monkeypatch
 # --- item 3: typed options, validated once, defaults written once --------------------------------
 
 def test_options_are_checked_once_when_made():
-    from featurize.run import FeaturizeOptions, RunOptions
-    with pytest.raises(UserError, match="--batch-size must be between 1 and 8192, not 0"):
+    from featurize.jobs.run import FeaturizeOptions, RunOptions
+    with pytest.raises(UserError, match="^batch_size must be between 1 and 8192, not 0"):
         RunOptions(batch_size=0)
     with pytest.raises(UserError, match="--jitter is for the dlib-resnet backbone only"):
         featurize.EmbedderConfig("vggface-vgg16", jitter=2)
-    with pytest.raises(UserError, match="--pool must be avg or max, not 'mean'"):
+    with pytest.raises(UserError, match="^pool must be avg or max, not 'mean'"):
         FeaturizeOptions.from_kwargs(pool="mean")
-    with pytest.raises(UserError, match="--resize must be cpu or device"):
+    with pytest.raises(UserError, match="^resize must be cpu or device"):
         featurize.EmbedderConfig(resize="gpu")
     options = FeaturizeOptions.from_kwargs(**TINY, workers=3)
     assert options.embedding == featurize.EmbedderConfig(**TINY)
@@ -197,9 +187,9 @@ def test_options_are_checked_once_when_made():
 def test_command_line_defaults_are_the_dataclass_defaults():
     from dataclasses import fields
 
-    from featurize.cli import _parser, options_from
-    from featurize.run import FeaturizeOptions
-    from_cli = options_from(_parser().parse_args(["folder"]))
+    from featurize.cli import options_from, parse
+    from featurize.jobs.run import FeaturizeOptions
+    from_cli = options_from(parse(["folder"]))
     defaults = FeaturizeOptions()
     assert from_cli.embedding == defaults.embedding
     assert {f.name: getattr(from_cli.run, f.name) for f in fields(from_cli.run)} == \
@@ -209,15 +199,12 @@ def test_command_line_defaults_are_the_dataclass_defaults():
 
 def test_the_command_line_and_python_make_the_same_cache(tmp_path):
     folder = make_folder(tmp_path / "faces", classes=("a", "b"), per_class=2)
-    proc = subprocess.run(
-        [sys.executable, "-m", "featurize", str(folder), "--backbone", "vggface-vgg16",
-         "--weights", "none", "--input-size", "32", "--quiet", "--cache-dir", "c"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = call_cli("featurize", folder, "--backbone", "vggface-vgg16", "--weights", "none",
+                    "--input-size", "32", "--quiet", "--cache-dir", "c", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     again = featurize.embed_folder(folder, cache=tmp_path / "c", progress=False, **TINY)
     assert again.summary.embedded == 0 and again.summary.reused == 4  # the CLI's own cache
-    bad = subprocess.run([sys.executable, "-m", "featurize", str(folder), "--checkpoint-rows", "0"],
-                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    bad = call_cli("featurize", folder, "--checkpoint-rows", "0", cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: --checkpoint-rows must be at least 1, not 0."
 
@@ -249,7 +236,7 @@ print(X[0, :3])
 def test_random_network_is_the_one_keras_set_random_seed_gives():
     import keras
 
-    from featurize.extractor import build_base
+    from featurize.models.keras import build_base
     from featurize.vggface import vggface_vgg16
     embedder = featurize.Embedder(**TINY)
     ours = build_base(embedder.settings, embedder.resolved_weights)

@@ -5,22 +5,19 @@ engine for every later use of the cache (predict, search, verify)."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_folder
+from conftest import call_cli, make_folder
 from featurize import runtimes
 from featurize.errors import UserError
 
 pytest.importorskip("openvino")
 from featurize.runtimes.bf16 import BF16_ENGINE, native_bf16  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32)
 needs_bf16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bfloat16")
 
@@ -33,7 +30,7 @@ def cpu_default(monkeypatch):
 
 
 def _mixed():
-    from featurize.extractor import make_settings
+    from featurize.models.config import make_settings
     return make_settings(**TINY, precision="mixed")
 
 
@@ -83,7 +80,7 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path):
 
 @needs_bf16
 def test_bf16_embeddings_are_close_to_fp32_and_not_equal(cpu_default):
-    from featurize.runtimes.int8 import agreement
+    from featurize.runtimes.agreement import agreement
     settings, w = _mixed()
     settings = runtimes.settle(settings)
     bf16 = runtimes.build_extractor(settings, w)
@@ -100,22 +97,21 @@ def test_bf16_embeddings_are_close_to_fp32_and_not_equal(cpu_default):
     assert report["logreg_top1_agreement"] >= 0.5
 
 
-def _featurize(args, cwd, home):
-    env = {k: v for k, v in os.environ.items() if k != "FEATURIZE_RUNTIME"}
-    env.update(PYTHONPATH=str(REPO), KERAS_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "featurize", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+def _featurize(args, cwd):
+    """The command line where no FEATURIZE_RUNTIME is set (a CPU machine's default runtime)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FEATURIZE_RUNTIME", raising=False)
+        return call_cli("featurize", *args, cwd=cwd)
 
 
 @needs_bf16
 def test_cli_mixed_runs_bf16_reports_once_and_is_reused(tmp_path):
     from featurize import open_cache
-    from featurize.extractor import extractor_for
     folder = make_folder(tmp_path / "faces", per_class=8)
     home = Path(os.environ["KERAS_HOME"])  # conftest's: the extractors below look there too
     options = [str(folder), *sum(([f"--{k.replace('_', '-')}", str(v)]
                                   for k, v in TINY.items()), []), "--precision", "mixed"]
-    first = _featurize([*options, "--cache-dir", "a"], tmp_path, home)
+    first = _featurize([*options, "--cache-dir", "a"], tmp_path)
     assert first.returncode == 0, first.stderr
     assert "mixed: bfloat16 on OpenVINO (this CPU has native bfloat16)" in first.stderr
     assert "bf16 (OpenVINO) vs fp32 on 24 held-out images: cosine mean 0.9" in first.stdout
@@ -127,11 +123,11 @@ def test_cli_mixed_runs_bf16_reports_once_and_is_reused(tmp_path):
     # The report is kept beside the export: a fresh cache of the same sample reads it.
     kept = next(home.glob("models/featurize-exports/*-openvino-*/agreement-bf16-*.json"))
     kept.write_text(json.dumps({**json.loads(kept.read_text()), "mean_cosine": 0.5}))
-    second = _featurize([*options, "--cache-dir", "b"], tmp_path, home)
+    second = _featurize([*options, "--cache-dir", "b"], tmp_path)
     assert second.returncode == 0, second.stderr
     assert "cosine mean 0.50000" in second.stdout
     # predict, search and verify rebuild the cache's extractor: OpenVINO bfloat16 again.
-    from classify.predict import extractor_for_run
+    from classify._runs import extractor_for_run
     for extractor in (extractor_for(attrs),
                       extractor_for_run({"head": "logreg", "provenance": attrs}, None)):
         prov = extractor.provenance()
@@ -147,5 +143,11 @@ def test_cli_runtime_onnx_with_mixed_is_one_line(tmp_path):
     folder = make_folder(tmp_path / "faces", per_class=1)
     proc = _featurize([str(folder), *sum(([f"--{k.replace('_', '-')}", str(v)]
                                           for k, v in TINY.items()), []),
-                       "--precision", "mixed", "--runtime", "onnx"], tmp_path, tmp_path / "h")
+                       "--precision", "mixed", "--runtime", "onnx"], tmp_path)
     one_line_error(proc.returncode, proc.stderr, "--runtime onnx", "--runtime keras")
+
+
+def extractor_for(attrs):  # what predict, search and `featurize verify` use for new images
+    from featurize.runtimes import build_extractor
+    from featurize.settings import EmbeddingSettings
+    return build_extractor(EmbeddingSettings.from_json(attrs["settings"]), cache_attrs=attrs)

@@ -14,22 +14,24 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import as_schema1, copy_cache, make_folder, same, shard_files, write_image
+from conftest import (
+    as_schema1,
+    call_cli,
+    cli_env,
+    copy_cache,
+    make_folder,
+    run_cli,
+    same,
+    shard_files,
+    write_image,
+)
 from featurize import cache, open_cache
 from featurize.cache import index
 from featurize.errors import UserError
-from featurize.run import featurize
+from featurize.jobs.run import featurize
 
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32, progress=False)
 TINY_ARGS = ["--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32", "--quiet"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, cwd, module="featurize"):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def digests(folder: Path) -> dict:
@@ -135,7 +137,7 @@ def test_compact_merges_shards_in_a_fresh_process_with_the_same_rows(tmp_path, n
     featurize(folder, cache_dir=tmp_path / "c", flush_rows=3, batch_size=3, **TINY)
     before = cache.read(s.path)
     assert len(shard_files(s.path)[0]) == 4
-    code, out, err = cli("compact", s.path, cwd=tmp_path)
+    code, out, err = run_cli("featurize", "compact", s.path, cwd=tmp_path, timeout=300)
     assert code == 0 and "11 rows in 1 shard(s) (were 4)" in out, err
     after = cache.read(s.path)
     assert after.paths == sorted(before.paths) and after.attrs["labels_digest"] == \
@@ -146,9 +148,9 @@ def test_compact_merges_shards_in_a_fresh_process_with_the_same_rows(tmp_path, n
 
 
 def test_compact_mistakes_are_one_line_errors(tmp_path):
-    code, _, err = cli("compact", tmp_path / "nope.h5", cwd=tmp_path)
+    code, _, err = call_cli("featurize", "compact", tmp_path / "nope.h5", cwd=tmp_path)
     assert code == 2 and err.count("\n") == 1 and "does not exist" in err, err
-    code, _, err = cli("compact", cwd=tmp_path)
+    code, _, err = call_cli("featurize", "compact", cwd=tmp_path)
     assert code == 2 and err.count("\n") == 1 and "compact" in err, err
 
 
@@ -160,7 +162,8 @@ def test_a_schema1_cache_is_read_then_migrated_without_copying_or_embedding(tmp_
     old = cache.read(s.path)  # read as it is
     assert old.attrs["schema_version"] == 1 and old.paths == made.paths
     inode = s.path.stat().st_ino
-    code, out, err = cli(folder, *TINY_ARGS, "--cache-dir", tmp_path / "c", cwd=tmp_path)
+    code, out, err = call_cli("featurize", folder, *TINY_ARGS, "--cache-dir", tmp_path / "c",
+                              cwd=tmp_path)
     assert code == 0 and "12 already cached" in out, err
     assert "sharded layout" in err and "nothing was embedded again" in err, err
     migrated = cache.read(s.path)
@@ -169,7 +172,8 @@ def test_a_schema1_cache_is_read_then_migrated_without_copying_or_embedding(tmp_
     assert len(listed) == 1 and listed == present
     assert (tmp_path / "c" / listed.pop()).stat().st_ino == inode  # linked, not copied
     np.testing.assert_array_equal(migrated.embeddings, made.embeddings)
-    code, out, err = cli(folder, *TINY_ARGS, "--cache-dir", tmp_path / "c", cwd=tmp_path)
+    code, out, err = call_cli("featurize", folder, *TINY_ARGS, "--cache-dir", tmp_path / "c",
+                              cwd=tmp_path)
     assert code == 0 and "sharded layout" not in err
 
 
@@ -184,7 +188,7 @@ def test_a_renamed_index_still_reads_and_a_lone_copied_index_says_what_is_missin
     lone = tmp_path / "elsewhere" / "lone.h5"
     lone.parent.mkdir()
     lone.write_bytes(renamed.read_bytes())
-    code, _, err = cli("--cache", lone, "--head", "centroid", cwd=tmp_path, module="classify")
+    code, _, err = call_cli("classify", "--cache", lone, "--head", "centroid", cwd=tmp_path)
     assert code == 2 and err.count("\n") == 1 and "is missing" in err, err
     assert "moved or copied together" in err
     copied = copy_cache(renamed, tmp_path / "copied" / "whole.h5")
@@ -238,16 +242,21 @@ def test_compact_and_export_from_python(tmp_path, no_merging):
 
 
 READER = """
-import sys, time
+import os, sys
 from featurize import cache
 from featurize.errors import UserError
-seen, end = [], time.time() + float(sys.argv[2])
-while time.time() < end:
+seen = []
+while True:  # until the writer is done (its stop file), then once more
+    stop = os.path.exists(sys.argv[2])
     try:
         seen.append(len(cache.read(sys.argv[1]).paths))
     except UserError as e:
         print("error:", e)
         sys.exit(1)
+    if len(seen) == 1:
+        print("reading", flush=True)
+    if stop:
+        break
 print(" ".join(map(str, seen)))
 """
 
@@ -255,12 +264,15 @@ print(" ".join(map(str, seen)))
 def test_a_reader_in_another_process_sees_whole_versions_while_runs_append(tmp_path):
     folder = make_folder(tmp_path / "imgs", per_class=3)
     s = featurize(folder, cache_dir=tmp_path / "c", **TINY)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(s.path), "20"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(s.path), str(stop)],
+                              env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    assert reader.stdout.readline() == "reading\n", reader.communicate(timeout=60)
     for k in range(4):  # each run appends a shard and merges the small ones: shards come and go
         write_image(folder / "alice" / f"more_{k}.jpg", seed=500 + k)
         featurize(folder, cache_dir=tmp_path / "c", **TINY)
+    stop.touch()
     out, err = reader.communicate(timeout=120)
     assert reader.returncode == 0, out + err
     counts = [int(n) for n in out.split()]

@@ -6,14 +6,14 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import blobs, synthetic_cache, write_image
-from classify import heads
+from classify import _heads as heads
+from classify._data import select
+from classify._runs import load
+from classify._train import train
 from classify.cli import main
-from classify.data import select
-from classify.runs import load
-from classify.train import train
+from conftest import blobs, synthetic_cache, write_image
 from featurize import cache
-from featurize.run import featurize
+from featurize.jobs.run import featurize
 
 
 @pytest.fixture

@@ -7,14 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import blobs, make_folder, synthetic_cache, unparseable_as
 from classify.cli import main as classify_main
-from featurize.backbones import get_backbone
+from conftest import blobs, make_folder, synthetic_cache, unparseable_as
 from featurize.cli import main as featurize_main
 from featurize.errors import UserError
+from featurize.models.registry import get_backbone
 
 FUZZ = settings(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

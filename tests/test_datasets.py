@@ -6,9 +6,10 @@ import tarfile
 import pytest
 
 from conftest import write_image
-from featurize.datasets import Remote, fetch_lfw, main
+from featurize.data.datasets import Remote, fetch_lfw
+from featurize.data.images import list_dataset
+from featurize.datasets import main
 from featurize.errors import UserError
-from featurize.images import list_dataset
 
 
 def sha(path):

@@ -1,20 +1,18 @@
 """`python -m featurize.datasets lfw` without a network: from a local copy (`--from PATH`, or
 found beside the checkout / in $FEATURIZE_LFW when the download fails), protocol files that
-cannot be had are warnings, and a failure leaves no folder behind. Every run is a fresh
-process whose proxy is a closed port on 127.0.0.1, so nothing can reach the internet."""
+cannot be had are warnings, and a failure leaves no folder behind. Every run that could
+download is a fresh process whose proxy is a closed port on 127.0.0.1, so nothing can reach
+the internet."""
 
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import LFW, lfw_available, one_line_error, write_image
-from featurize.images import list_dataset
+from conftest import LFW, call_cli, cli_env, lfw_available, one_line_error, run_cli, write_image
+from featurize.data.images import list_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32", "--quiet"]
 PROTOCOL = ["pairs.txt", "pairsDevTrain.txt", "pairsDevTest.txt", "people.txt"]
 
@@ -27,18 +25,14 @@ def _closed_port() -> int:
 
 def _offline_env(**extra):
     proxy = f"http://127.0.0.1:{_closed_port()}"
-    env = {k: v for k, v in os.environ.items()
-           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-           and k != "FEATURIZE_LFW"}
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**env, "PYTHONPATH": path, "http_proxy": proxy, "https_proxy": proxy,
-            "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, **extra}
+    drop = [k for k in os.environ
+            if k.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")]
+    return cli_env(drop=[*drop, "FEATURIZE_LFW"], http_proxy=proxy, https_proxy=proxy,
+                   HTTP_PROXY=proxy, HTTPS_PROXY=proxy, **extra)
 
 
 def _run(args, cwd, module="featurize.datasets", **env):
-    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
-                       env=_offline_env(**env), capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
+    return run_cli(module, *args, cwd=cwd, env=_offline_env(**env))
 
 
 def _fake_copy(folder: Path) -> Path:
@@ -100,8 +94,8 @@ def test_the_readme_line_offline_falls_back_to_the_copy_beside_the_checkout(tmp_
     assert sorted(_warnings(err)) == sorted(PROTOCOL)  # none in this copy, none downloaded
     ds = list_dataset(checkout / "data" / "lfw")
     assert ds.classes == ["Ann_Lee", "Bo_Chan"] and len(ds.items) == 5
-    code, out, err = _run(["data/lfw", *TINY, "--cache-dir", "cache"], cwd=checkout,
-                          module="featurize")
+    code, out, err = call_cli("featurize", "data/lfw", *TINY, "--cache-dir", "cache",
+                              cwd=checkout)  # embeds local files only: no network
     assert code == 0 and "5 embedded" in out, err
 
 

@@ -9,10 +9,20 @@ from PIL import Image
 
 from conftest import LFW_IMAGES, lfw_available, make_folder, same, write_image
 from featurize import cache
-from featurize.extractor import EmbeddingSettings, build_extractor, image_input, make_settings
-from featurize.images import ImageError, ModelInput, _decode_plain_jpeg, fit, open_rgb, read_rgb
-from featurize.pipeline import batches
-from featurize.run import featurize
+from featurize.data.images import (
+    ImageError,
+    ModelInput,
+    _decode_plain_jpeg,
+    fit,
+    open_rgb,
+    read_rgb,
+)
+from featurize.engines.pipeline import batches
+from featurize.jobs.run import featurize
+from featurize.models.config import make_settings
+from featurize.models.keras import image_input
+from featurize.runtimes import build_extractor
+from featurize.settings import EmbeddingSettings
 
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32, progress=False)
 
@@ -99,7 +109,6 @@ def test_featurize_with_device_resize_records_it_and_stays_close_to_cpu(tmp_path
     again = featurize(folder, cache_dir=tmp_path / "c", resize="device", **TINY)
     assert again.path == dev.path and again.embedded == 0  # the same cache, reused
     # new images (predict) go through exactly the cache's preparation and model
-    from featurize.extractor import extractor_for
     ext = extractor_for(c.attrs)
     odd = ext.prepare(str(folder / "bob" / "odd_size.jpg"))
     assert odd.shape == (40, 40, 3)
@@ -110,7 +119,7 @@ def test_featurize_with_device_resize_records_it_and_stays_close_to_cpu(tmp_path
 def test_worker_processes_give_what_threads_give(tmp_path):
     folder = make_folder(tmp_path / "faces", per_class=12)
     (folder / "alice" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
-    from featurize.images import list_dataset
+    from featurize.data.images import list_dataset
     items = list_dataset(folder).items
     ext = build_extractor(*make_settings(**{k: v for k, v in TINY.items() if k != "progress"}))
     out = {}
@@ -130,3 +139,9 @@ def test_model_input_is_picklable_for_worker_processes():
     prep = ModelInput(32, 0.8, (40, 40))
     assert pickle.loads(pickle.dumps(prep)) == prep and prep.shape == (40, 40, 3)
     assert ModelInput(32).shape == (32, 32, 3)
+
+
+def extractor_for(attrs):  # what predict, search and `featurize verify` use for new images
+    from featurize.runtimes import build_extractor
+    from featurize.settings import EmbeddingSettings
+    return build_extractor(EmbeddingSettings.from_json(attrs["settings"]), cache_attrs=attrs)

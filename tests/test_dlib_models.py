@@ -4,16 +4,22 @@ setuptools at all), and an import of dlib that fails is reported with its real r
 
 import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import h5py
 import pytest
 
-from conftest import LFW_IMAGES, lfw_available, one_line_error, write_image
+from conftest import (
+    LFW_IMAGES,
+    cli_env,
+    lfw_available,
+    one_line_error,
+    run_cli,
+    run_python,
+    write_image,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 HAS_DLIB = importlib.util.find_spec("dlib") is not None
 TINY = ["--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32", "--quiet"]
 LFW_SAMPLE = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Aaron_Peirsol/Aaron_Peirsol_0002.jpg",
@@ -29,11 +35,8 @@ def _blockers(folder: Path, **modules) -> Path:
 
 
 def _run(args, cwd, blockers, module="featurize"):
-    path = os.pathsep.join([str(blockers), str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
-    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, cwd=cwd,
-                       capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
+    """The command line in a fresh process whose imports meet the stand-ins first."""
+    return run_cli(module, *args, cwd=cwd, env=cli_env(path=[blockers]))
 
 
 NO_PKG_RESOURCES = "raise ImportError(\"No module named 'pkg_resources' (blocked by the test)\")\n"
@@ -42,8 +45,7 @@ NO_PKG_RESOURCES = "raise ImportError(\"No module named 'pkg_resources' (blocked
 @pytest.mark.skipif(not (lfw_available() and HAS_DLIB), reason="needs ../shared and dlib")
 def test_dlib_resnet_and_align_dlib_run_where_pkg_resources_does_not_import(tmp_path):
     blockers = _blockers(tmp_path / "blockers", pkg_resources=NO_PKG_RESOURCES)
-    check = subprocess.run([sys.executable, "-c", "import pkg_resources"], capture_output=True,
-                           text=True, env={**os.environ, "PYTHONPATH": str(blockers)})
+    check = run_python("import pkg_resources", env={**os.environ, "PYTHONPATH": str(blockers)})
     assert check.returncode == 1 and "blocked by the test" in check.stderr  # the blocker works
     for name in LFW_SAMPLE:
         target = tmp_path / "data" / name
@@ -90,7 +92,7 @@ def test_missing_model_files_are_a_one_line_error(tmp_path):
 @pytest.mark.skipif(not HAS_DLIB, reason="dlib not installed (pip install -e '.[dlib]')")
 def test_the_model_files_are_the_packages_own(monkeypatch):
     """The files are those face_recognition_models itself names (where it imports)."""
-    from featurize import dlib_backbone
+    from featurize.models import dlib_backbone
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "pkg_resources", None)  # as on Python 3.12+
         path = dlib_backbone.model_path()

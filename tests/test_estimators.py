@@ -3,11 +3,8 @@
 `EmbeddingTransformer` embeds image paths like the cache does, inside Pipelines and
 GridSearchCV, reusing a cache and pickling without its model."""
 
-import os
 import pickle
 import random
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,13 +13,12 @@ import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from classify.heads import CosineCentroid, CosineKNN, DenseHead
-from conftest import blobs, make_folder, same, write_image
+from classify._heads import CosineCentroid, CosineKNN, DenseHead
+from conftest import blobs, make_folder, run_python, same, write_image
 from featurize import cache
 from featurize.errors import UserError
 from featurize.estimators import EmbeddingTransformer
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(backbone="vggface-vgg16", weights="none", input_size=32)
 
 
@@ -88,7 +84,7 @@ def _paths_and_labels(root: Path):
 
 
 def _featurize_cache(folder: Path, out: Path) -> Path:
-    from featurize.run import featurize
+    from featurize.jobs.run import featurize
     return featurize(folder, cache_dir=out, progress=False, **TINY_MODEL).path
 
 
@@ -256,10 +252,7 @@ def test_pipeline_in_a_fresh_process(tmp_path):
         except UserError as e:
             print(e)
     """)
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_python(script, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-2:] == [
         "ok (2, 512)", "1 image file(s) of X do not exist or are not files: no.jpg; fix those paths."]

@@ -1,18 +1,11 @@
 """The example scripts run as a user runs them: a fresh process, from the repository."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, run_python
 
 
 def test_quickstart_runs_offline_and_learns_the_synthetic_classes(tmp_path):
     (tmp_path / "work").mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py")], env=env,
-                          cwd=tmp_path / "work", capture_output=True, text=True, timeout=600)
+    proc = run_python(REPO / "examples" / "quickstart.py", cwd=tmp_path / "work")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == "cache: 24 x 512, 3 classes, 24 embedded now, 0 failed"

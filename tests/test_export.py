@@ -6,45 +6,41 @@ atomically, and one-line errors that write nothing."""
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import blobs, one_line_error, synthetic_cache, unparseable_as
-from featurize import cache, export as export_module
+from conftest import (
+    blobs,
+    call_cli,
+    one_line_error,
+    run_cli,
+    run_python,
+    synthetic_cache,
+    unparseable_as,
+)
+from featurize import cache
 from featurize.cli import main as featurize_main
 from featurize.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def env():
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path}
+from featurize.jobs import export as export_module
 
 
-def export_cli(*args, cwd, blocked=None):
-    """`python -m featurize export ...` in a fresh process: (exit code, stdout, stderr).
-    `blocked`: a module made unimportable there, as when it is not installed."""
+def export_cli(*args, cwd):
+    """`featurize export ...`, called in this process: (exit code, stdout, stderr)."""
+    return call_cli("featurize", "export", *args, cwd=cwd)
+
+
+def export_without(blocked, *args, cwd):
+    """`featurize export ...` in a fresh process where `import BLOCKED` fails, as when it is
+    not installed."""
     argv = ["export", *map(str, args)]
-    if blocked:
-        code = (f"import sys; sys.modules[{blocked!r}] = None; from featurize.cli import main; "
-                f"sys.exit(main({argv!r}))")
-        command = [sys.executable, "-c", code]
-    else:
-        command = [sys.executable, "-m", "featurize", *argv]
-    proc = subprocess.run(command, env=env(), cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
+    code = (f"import sys; sys.modules[{blocked!r}] = None; from featurize.cli import main; "
+            f"sys.exit(main({argv!r}))")
+    return run_python(code, cwd=cwd, timeout=120)
 
 
 @pytest.fixture
@@ -180,8 +176,8 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(small_cache, tmp_path
 
 @pytest.mark.parametrize("fmt", ["parquet", "npy"])
 def test_without_pyarrow_the_error_names_the_extra(small_cache, tmp_path, fmt):
-    code, _, err = export_cli(small_cache.path, "o", "--format", fmt, cwd=tmp_path,
-                              blocked="pyarrow")
+    code, _, err = export_without("pyarrow", small_cache.path, "o", "--format", fmt,
+                                  cwd=tmp_path)
     one_line_error(code, err, "pyarrow", "featurize-embeddings[parquet]")
     assert not (tmp_path / "o").exists()
 
@@ -235,12 +231,14 @@ def leftover(folder: Path, pid: int, marked: bool = True) -> Path:
 
 
 def test_leftovers_of_killed_exports_are_removed_and_live_ones_kept(small_cache, tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    """`python -m featurize export` in a fresh process: this test's own process is the live
+    owner of a leftover."""
+    dead = run_python("import os; print(os.getpid())")
     dead_pid = int(dead.stdout)
     for name in (f"out.tmp-{dead_pid}", f"out.old-{dead_pid}", f"out.tmp-{os.getpid()}"):
         leftover(tmp_path / name, int(name.rpartition("-")[2]))
-    code, _, err = export_cli(small_cache.path, "out", cwd=tmp_path)
+    code, _, err = run_cli("featurize", "export", small_cache.path, "out", cwd=tmp_path,
+                           timeout=120)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out",
                                                           f"out.tmp-{os.getpid()}"]
@@ -335,7 +333,7 @@ def test_a_cache_featurize_grew_in_two_runs_exports_whole(tmp_path):
     """A real cache: two runs (the second adds images), then the export has every row of
     both, with the run's provenance (backbone, weights, versions)."""
     from conftest import make_folder, write_image
-    from featurize.run import featurize
+    from featurize.jobs.run import featurize
 
     folder = make_folder(tmp_path / "faces", per_class=3)
     tiny = dict(backbone="vggface-vgg16", weights="none", input_size=32, progress=False,

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import blobs, one_line_error, synthetic_cache
-from featurize import cache, export as export_module
-from featurize.export import unit_rows
+from featurize import cache
+from featurize.jobs import export as export_module
+from featurize.jobs.export import unit_rows
 from test_export import export_cli
 
 
@@ -118,7 +119,7 @@ def varied_norms(tmp_path):
 
 def test_a_normalized_export_ranks_like_classify_search_with_faiss(tmp_path):
     faiss = pytest.importorskip("faiss")
-    from classify.search import Gallery
+    from classify._search import Gallery
     c, rng = varied_norms(tmp_path)
     code, out, err = export_cli(c.path, "out", "--normalize", "--rows-per-file", "50",
                                 cwd=tmp_path)

@@ -3,30 +3,22 @@ outside the family modules, one extractor protocol, one bad-image handling for e
 
 import ast
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_folder
-from featurize import dlib_backbone
+from conftest import REPO, call_cli, make_folder, run_cli
 from featurize.errors import UserError
+from featurize.models import dlib_backbone
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32)
 
 
-def _env(*extra):
-    path = os.pathsep.join([str(REPO), *map(str, extra), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path}
-
-
 def test_every_backbone_belongs_to_a_registered_family_object():
-    from classify.data import default_normalize
-    from featurize.backbones import BACKBONES, get_backbone
-    from featurize.families import FAMILIES, Family
+    from classify._data import default_normalize
+    from featurize.models.families import Family
+    from featurize.models.registry import BACKBONES, FAMILIES, get_backbone
 
     assert list(FAMILIES) == ["vggface", "dlib", "keras", "file"]
     for spec in BACKBONES.values():
@@ -67,8 +59,9 @@ def tiny_cnn(include_top=False, input_shape=(32, 32, 3)):
 
 
 def _tiny_family():
-    from featurize.families import Backbone, Family
-    from featurize.weights import Weights
+    from featurize.models.families import Family
+    from featurize.models.specs import Backbone
+    from featurize.models.weights import Weights
 
     class Tiny(Family):
         name = "tiny"
@@ -86,8 +79,9 @@ def _tiny_family():
 
 
 def test_a_new_family_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
-    from featurize import backbones, cache, families
-    from featurize.run import featurize
+    from featurize import cache
+    from featurize.jobs.run import featurize
+    from featurize.models import families, registry as backbones
 
     family = _tiny_family()
     # ... and one registry line (what featurize.backbones does with each registered family)
@@ -104,17 +98,15 @@ def test_a_new_family_is_one_module_and_one_registry_line(tmp_path, monkeypatch)
 
 
 def test_cli_asks_the_family_in_a_fresh_process(tmp_path):
-    listed = subprocess.run([sys.executable, "-m", "featurize", "--list-backbones"], cwd=tmp_path,
-                            env=_env(), capture_output=True, text=True, timeout=120)
+    listed = run_cli("featurize", "--list-backbones", cwd=tmp_path, timeout=120)
     assert listed.returncode == 0, listed.stderr
-    from featurize.families import FAMILIES
+    from featurize.models.registry import FAMILIES
     for family in FAMILIES.values():
         if family.backbones():
             assert family.weights_source in listed.stdout
     folder = make_folder(tmp_path / "faces", classes=("a",), per_class=1)
-    proc = subprocess.run([sys.executable, "-m", "featurize", str(folder), "--backbone",
-                           "dlib-resnet", "--pool", "max"], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = call_cli("featurize", folder, "--backbone", "dlib-resnet", "--pool", "max",
+                    cwd=tmp_path)
     assert proc.returncode == 2 and "dlib-resnet takes no --layer/--pool" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "faces.cache").exists()
 
@@ -122,8 +114,10 @@ def test_cli_asks_the_family_in_a_fresh_process(tmp_path):
 def test_every_extractor_follows_the_protocol():
     import keras
 
-    from classify.predict import _WholeModel
-    from featurize.extractor import Extractor, build_extractor, make_settings
+    from classify._runs import _WholeModel
+    from featurize.models.config import make_settings
+    from featurize.models.keras import Extractor
+    from featurize.runtimes import build_extractor
 
     settings, weights = make_settings(**TINY)
     keras_extractor = build_extractor(settings, weights)
@@ -145,7 +139,7 @@ def test_every_extractor_follows_the_protocol():
 
 def _out_of_memory_for(monkeypatch, name):
     """Decoding `name` runs out of memory (a huge image on a small machine)."""
-    from featurize.images import ModelInput
+    from featurize.data.images import ModelInput
     real = ModelInput.__call__
 
     def decode(self, path):
@@ -156,8 +150,8 @@ def _out_of_memory_for(monkeypatch, name):
 
 
 def test_verify_sample_handles_a_bad_image_as_the_pipeline_does(tmp_path, monkeypatch):
-    from featurize.run import featurize
-    from featurize.verify import verify_cache
+    from featurize.jobs.run import featurize
+    from featurize.jobs.verify import verify_cache
 
     folder = make_folder(tmp_path / "faces", classes=("a",), per_class=2)
     summary = featurize(folder, cache_dir=tmp_path / "c", progress=False, **TINY)
@@ -169,8 +163,8 @@ def test_verify_sample_handles_a_bad_image_as_the_pipeline_does(tmp_path, monkey
 
 
 def test_finetune_images_handle_a_bad_image_as_the_pipeline_does(tmp_path, monkeypatch):
-    from classify.finetune import image_dataset, image_errors
-    from featurize.extractor import make_settings
+    from classify._finetune import image_dataset, image_errors
+    from featurize.models.config import make_settings
 
     folder = make_folder(tmp_path / "faces", classes=("a",), per_class=2)
     settings, _ = make_settings(**TINY)

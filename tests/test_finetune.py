@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import same
+from classify._finetune import finetune
+from classify._runs import load
+from classify._train import train
 from classify.cli import main
-from classify.finetune import finetune
-from classify.runs import load
-from classify.train import train
+from conftest import same
 from featurize import cache
 from featurize.errors import UserError
-from featurize.run import featurize
+from featurize.jobs.run import featurize
 
 SIZE = 32
 

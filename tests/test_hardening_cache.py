@@ -6,39 +6,32 @@ import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import (as_schema1, blobs, make_folder, one_line_error, same, stored_in,
-                      synthetic_cache, write_image)
+from conftest import (
+    as_schema1,
+    blobs,
+    call_cli,
+    make_folder,
+    one_line_error,
+    run_cli,
+    same,
+    stored_in,
+    synthetic_cache,
+    write_image,
+)
 from featurize import cache
+from featurize.data.images import Dataset, Item
 from featurize.errors import UserError
-from featurize.images import Dataset, Item
-from featurize.run import featurize
-from featurize.verify import verify_cache
+from featurize.jobs.run import featurize
+from featurize.jobs.verify import verify_cache
 
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32, progress=False)
 TINY_ARGS = ["--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32", "--quiet"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def env():
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path}
-
-
-def cli(*args, cwd, module="featurize"):
-    """A command line in a fresh process: (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env(), cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 
 
 def flip_bytes(path: Path, dataset: str, chunk: int, count: int = 8):
@@ -122,11 +115,13 @@ def test_a_lock_whose_owner_was_killed_is_free_and_a_busy_lock_names_its_owner(t
     child.join(60)
     assert ready.is_set() and child.exitcode == -signal.SIGKILL
     assert lock_path.read_text().split()[1] == str(child.pid)  # left behind by the dead owner
-    code, out, err = cli(image_folder, *TINY_ARGS, "--out", s.path, cwd=tmp_path)
+    code, out, err = call_cli("featurize", image_folder, *TINY_ARGS, "--out", s.path,
+                              cwd=tmp_path)
     assert code == 0 and "12 already cached" in out, err
     assert not lock_path.exists()
     with cache.lock(s.path):  # a live owner: a fresh process is refused, with our name
-        code, out, err = cli(image_folder, *TINY_ARGS, "--out", s.path, cwd=tmp_path)
+        code, out, err = run_cli("featurize", image_folder, *TINY_ARGS, "--out", s.path,
+                                 cwd=tmp_path, timeout=300)
         assert lock_path.read_text().split()[1] == str(os.getpid())
     one_line_error(code, err, "being written by another featurize run", f" {os.getpid()})")
 
@@ -141,7 +136,8 @@ def test_temporary_files_of_a_killed_commit_are_removed_by_the_next_run(tmp_path
     part.write_bytes(b"half a shard")
     unrelated = s.path.with_name(".another.h5.tmp-99999999")  # not this cache's: kept
     unrelated.write_bytes(b"x")
-    code, out, err = cli(image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c", cwd=tmp_path)
+    code, out, err = call_cli("featurize", image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c",
+                              cwd=tmp_path)
     assert code == 0 and "12 already cached" in out, err
     assert not leftover.exists() and not part.exists() and unrelated.exists()
     assert len(cache.read(s.path).paths) == 12
@@ -187,10 +183,10 @@ def test_flipped_bytes_in_embeddings_are_reported_and_the_next_run_repairs_them(
     flip_bytes(s.path, "embeddings", 0)
     with pytest.raises(UserError, match=r"12 row\(s\) fail their checksum.*run featurize on"):
         cache.read(s.path)
-    code, out, err = cli("verify", s.path, cwd=tmp_path)
+    code, out, err = run_cli("featurize", "verify", s.path, cwd=tmp_path, timeout=300)
     assert code == 1 and "Traceback" not in err, err
     assert "12 row(s) fail their checksum" in out and "damaged: row 0: alice/alice_0000.jpg" in out
-    code, out, err = cli("--cache", s.path, "--head", "centroid", cwd=tmp_path, module="classify")
+    code, out, err = call_cli("classify", "--cache", s.path, "--head", "centroid", cwd=tmp_path)
     one_line_error(code, err, str(s.path), "fail their checksum")
     repaired = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     assert repaired.embedded == 12  # the damaged rows, embedded again
@@ -220,7 +216,7 @@ def test_damage_is_located_to_its_chunk_of_rows(tmp_path):
 
 
 def _settings(path):
-    from featurize.extractor import EmbeddingSettings
+    from featurize.settings import EmbeddingSettings
     return EmbeddingSettings.from_json(cache.read_attrs(path)["settings"])
 
 
@@ -266,7 +262,7 @@ def test_verify_flags_identical_and_vanishing_embeddings(tmp_path):
     X, y, classes = blobs(n_classes=2, per_class=5, dim=16)
     fine = synthetic_cache(tmp_path / "fine.h5", X, y, classes)
     assert not any("embedding" in p for p in verify_cache(fine).problems)
-    code, out, err = cli("verify", same_rows, cwd=tmp_path)
+    code, out, err = call_cli("featurize", "verify", same_rows, cwd=tmp_path)
     assert code == 1 and "embeddings are the same" in out and "Traceback" not in err
 
 
@@ -287,7 +283,7 @@ class _Reembed:
 @pytest.mark.parametrize("scale, error, ok", [(1e6, 1e-4, True), (1e-9, 0.5, False)])
 def test_the_re_embed_tolerance_is_relative_to_the_embeddings_scale(tmp_path, monkeypatch, scale,
                                                                      error, ok):
-    import featurize.extractor
+    import featurize.jobs.verify as verify_module
     X, y, classes = blobs(n_classes=2, per_class=4, dim=8)
     path = synthetic_cache(tmp_path / "c.h5", X * scale, y, classes)
     c = cache.read(path)
@@ -295,7 +291,7 @@ def test_the_re_embed_tolerance_is_relative_to_the_embeddings_scale(tmp_path, mo
         (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / key).write_bytes(b"x")
         os.utime(tmp_path / key, ns=(1, 1))
-    monkeypatch.setattr(featurize.extractor, "extractor_for", lambda attrs: _Reembed(c, error))
+    monkeypatch.setattr(verify_module, "build_extractor", lambda settings, **kw: _Reembed(c, error))
     report = verify_cache(path, sample=8)
     assert report.relative_difference == pytest.approx(error, rel=1e-3)
     assert report.ok == ok, report.problems
@@ -304,7 +300,7 @@ def test_the_re_embed_tolerance_is_relative_to_the_embeddings_scale(tmp_path, mo
 # --- item 14: completeness ----------------------------------------------------------------------
 
 def test_an_interrupted_run_records_an_incomplete_cache(tmp_path, monkeypatch):
-    import featurize.run as run_module
+    import featurize.jobs.run as run_module
     folder = make_folder(tmp_path / "imgs", classes=("a", "b"), per_class=6)
     real = run_module.batches
 
@@ -345,8 +341,8 @@ def test_check_content_sees_a_same_size_change_with_restored_mtime(tmp_path):
     folder = tmp_path / "imgs"
     for i in range(4):
         write_image(folder / "a" / f"{i}.bmp", seed=i, size=(32, 32))  # BMP: size fixed by shape
-    code, out, err = cli(folder, *TINY_ARGS, "--check", "content", "--cache-dir", tmp_path / "c",
-                         cwd=tmp_path)
+    code, out, err = call_cli("featurize", folder, *TINY_ARGS, "--check", "content",
+                              "--cache-dir", tmp_path / "c", cwd=tmp_path)
     assert code == 0 and "4 embedded" in out, err
     path = Path(out.strip().splitlines()[-1].split("cache: ")[1])
     with h5py.File(path, "r") as f:
@@ -375,7 +371,7 @@ def test_check_content_embeds_again_rows_recorded_without_a_digest(tmp_path, ima
         assert set(f["digests"].asstr()[()]) == {""}
     assert featurize(image_folder, check="content", **kw).embedded == 12
     assert featurize(image_folder, check="content", **kw).embedded == 0
-    with pytest.raises(UserError, match="--check must be mtime or content"):
+    with pytest.raises(UserError, match="check must be mtime or content"):
         featurize(image_folder, check="sha", **kw)
 
 
@@ -390,12 +386,13 @@ def test_a_cache_missing_a_dataset_is_a_one_line_error_for_featurize_and_classif
         with h5py.File(broken, "r+") as f:
             del f[name]
         content = broken.read_bytes()
-        code, _, err = cli(image_folder, *TINY_ARGS, "--out", broken, cwd=tmp_path)
+        code, _, err = call_cli("featurize", image_folder, *TINY_ARGS, "--out", broken,
+                                cwd=tmp_path)
         one_line_error(code, err, str(broken), name, "run featurize again")
-        code, _, err = cli("--cache", broken, cwd=tmp_path, module="classify")
+        code, _, err = call_cli("classify", "--cache", broken, cwd=tmp_path)
         one_line_error(code, err, str(broken), name, "run featurize again")
         assert broken.read_bytes() == content
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".lock", ".parts"))]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".lock", ".parts", ".shards"))]
 
 
 def test_out_paths_that_are_not_cache_files_are_named_with_their_fix(tmp_path, image_folder):
@@ -407,15 +404,16 @@ def test_out_paths_that_are_not_cache_files_are_named_with_their_fix(tmp_path, i
     with h5py.File(foreign, "w") as f:
         f["data"] = np.arange(3)
     before = {p.name: p.read_bytes() for p in (notes, foreign)}
-    code, _, err = cli(image_folder, *TINY_ARGS, "--out", folder, cwd=tmp_path)
+    code, _, err = call_cli("featurize", image_folder, *TINY_ARGS, "--out", folder, cwd=tmp_path)
     one_line_error(code, err, f"{folder} is a directory", "--out a file path")
-    code, _, err = cli(image_folder, *TINY_ARGS, "--out", notes, cwd=tmp_path)
+    code, _, err = call_cli("featurize", image_folder, *TINY_ARGS, "--out", notes, cwd=tmp_path)
     line = one_line_error(code, err, str(notes), "not a featurize cache", "another --out")
     assert "delete" not in line
-    code, _, err = cli(image_folder, *TINY_ARGS, "--out", foreign, cwd=tmp_path)
+    code, _, err = call_cli("featurize", image_folder, *TINY_ARGS, "--out", foreign,
+                            cwd=tmp_path)
     line = one_line_error(code, err, str(foreign), "not a featurize cache", "--out")
     assert "--cache" not in line
-    code, _, err = cli("--cache", foreign, cwd=tmp_path, module="classify")
+    code, _, err = call_cli("classify", "--cache", foreign, cwd=tmp_path)
     one_line_error(code, err, str(foreign), "point --cache at")
     assert {p.name: p.read_bytes() for p in (notes, foreign)} == before
     assert not list(folder.iterdir()) and not list(tmp_path.glob("*.lock"))
@@ -423,9 +421,10 @@ def test_out_paths_that_are_not_cache_files_are_named_with_their_fix(tmp_path, i
 
 # --- featurize verify ---------------------------------------------------------------------------
 
-def test_verify_rejects_a_negative_sample_in_one_line(tmp_path, image_folder):
-    s = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
-    code, _, err = cli("verify", s.path, "--sample", "-1", cwd=tmp_path)
+def test_verify_rejects_a_negative_sample_in_one_line(tmp_path):
+    X, y, classes = blobs(n_classes=2, per_class=3, dim=4)
+    path = synthetic_cache(tmp_path / "c.h5", X, y, classes)  # a cache, never embedded
+    code, _, err = call_cli("featurize", "verify", path, "--sample", "-1", cwd=tmp_path)
     one_line_error(code, err, "--sample must be at least 0")
 
 
@@ -435,7 +434,7 @@ def test_verify_reports_an_image_corrupted_after_caching(tmp_path, image_folder)
     st = target.stat()
     target.write_bytes(b"\0" * st.st_size)  # same size, same mtime: only decoding can tell
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    code, out, err = cli("verify", s.path, "--sample", "12", cwd=tmp_path)
+    code, out, err = call_cli("featurize", "verify", s.path, "--sample", "12", cwd=tmp_path)
     assert code == 1 and "Traceback" not in err, err
     assert "bob/bob_0002.jpg no longer decodes" in out
     assert "max abs difference" in out  # the other 11 were still compared
@@ -447,7 +446,7 @@ def test_verify_reports_an_image_corrupted_after_caching(tmp_path, image_folder)
 def test_verify_on_a_moved_dataset_reports_the_files_missing(tmp_path, image_folder):
     s = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     image_folder.rename(tmp_path / "moved")
-    code, out, err = cli("verify", s.path, "--sample", "4", cwd=tmp_path)
+    code, out, err = call_cli("featurize", "verify", s.path, "--sample", "4", cwd=tmp_path)
     assert code == 1 and "Traceback" not in err, err
     assert f"the dataset folder {image_folder} no longer exists" in out
     assert "missing: alice/alice_0000.jpg" in out and "no image is left to re-embed" in out

@@ -4,37 +4,31 @@ incomplete caches (item 14), and every user mistake of the issue's classify list
 stderr, exit code 2, no traceback, nothing written."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import blobs, make_folder, synthetic_cache
-from classify import heads
+from classify import _heads as heads
+from classify._finetune import finetune
+from classify._predict import predict
+from classify._runs import load
+from classify._train import train
+from classify._verify import verify
 from classify.cli import main
-from classify.finetune import finetune
-from classify.predict import predict
-from classify.runs import load
-from classify.train import train
-from classify.verify import verify
+from conftest import blobs, call_cli, make_folder, run_cli, run_python, synthetic_cache
 from featurize import cache
 from featurize.errors import UserError
-from featurize.run import featurize
+from featurize.jobs.run import featurize
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32, progress=False)
 
 
-def run_cli(args, cwd, module="classify"):
+def fresh(args, cwd):
     """`python -m classify ARGS` in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return run_cli("classify", *args, cwd=cwd, timeout=300)
 
 
 def files_under(root: Path) -> set:
@@ -124,13 +118,14 @@ def test_pca_larger_than_the_training_rows_and_an_existing_out(blob_world, capsy
 
 
 def test_train_mistakes_in_a_fresh_process(blob_world, tmp_path):
+    """`python -m classify` itself (one fresh process), then the same command line in this one."""
     cache_file = blob_world / "c.h5"
-    assert_one_line_error(run_cli(["--cache", cache_file, "--cv", "100"], tmp_path),
+    assert_one_line_error(fresh(["--cache", cache_file, "--cv", "100"], tmp_path),
                           r"--cv 100 needs at least 100 images per class, but the smallest class")
-    assert_one_line_error(run_cli(["--cache", cache_file, "--head", "knn", "--param",
-                                   "n_neighbors=2000"], tmp_path), r"n_neighbors=2000 needs")
-    assert_one_line_error(run_cli(["--cache", cache_file, "--max-per-class", "0"], tmp_path),
-                          r"--max-per-class must be at least 1")
+    assert_one_line_error(call_cli("classify", "--cache", cache_file, "--head", "knn", "--param",
+                                   "n_neighbors=2000", cwd=tmp_path), r"n_neighbors=2000 needs")
+    assert_one_line_error(call_cli("classify", "--cache", cache_file, "--max-per-class", "0",
+                                   cwd=tmp_path), r"--max-per-class must be at least 1")
     assert not any(tmp_path.iterdir())  # no runs/ folder
 
 
@@ -147,15 +142,17 @@ def test_heads_validate_their_own_parameters_like_scikit_learn():
 # --- predict: options, hand-edited runs ---------------------------------------------------------
 
 def test_predict_top_k_zero_and_an_edited_run_in_a_fresh_process(blob_world, tmp_path):
+    """`python -m classify predict` itself (one fresh process), then the same command line in
+    this one."""
     image = tmp_path / "x.jpg"
     image.write_bytes(b"")  # never read: the mistakes are found first
     run = blob_world / "runs" / "logreg"
-    assert_one_line_error(run_cli(["predict", image, "--run", run, "--top-k", "0"], tmp_path),
+    assert_one_line_error(fresh(["predict", image, "--run", run, "--top-k", "0"], tmp_path),
                           r"--top-k must be at least 1, not 0")
     edited = tmp_path / "edited"
     edited.mkdir()
     (edited / "run.json").write_text('{"head": "logreg", "classes": ["a", "b"], "cache": "c.h5"}')
-    assert_one_line_error(run_cli(["predict", image, "--run", edited], tmp_path),
+    assert_one_line_error(call_cli("classify", "predict", image, "--run", edited, cwd=tmp_path),
                           r"run.json is damaged or was edited by hand \(no 'provenance'")
 
 
@@ -248,12 +245,14 @@ def test_verify_mistakes_are_one_line_and_write_nothing(pairs_world, tmp_path, m
 
 
 def test_verify_skip_missing_leaving_one_kind_in_a_fresh_process(pairs_world, tmp_path):
-    proc = run_cli(["verify", "--pairs", pairs_world / "dev.txt", "--cache", pairs_world / "c.h5",
-                    "--skip-missing"], tmp_path)
+    """The mistake (the command line called in this process), then `python -m classify verify`
+    itself in a fresh one."""
+    proc = call_cli("classify", "verify", "--pairs", pairs_world / "dev.txt", "--cache",
+                    pairs_world / "c.h5", "--skip-missing", cwd=tmp_path)
     assert_one_line_error(proc, r"only matched pairs are left .* would be meaningless")
     assert not any(tmp_path.iterdir())  # no roc.png in the current folder
-    proc = run_cli(["verify", "--pairs", pairs_world / "good.txt", "--cache", pairs_world / "c.h5"],
-                   tmp_path)
+    proc = fresh(["verify", "--pairs", pairs_world / "good.txt", "--cache", pairs_world / "c.h5"],
+                 tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]  # #16: a run folder, no roc.png here
     (folder,) = (tmp_path / "runs").iterdir()  # and no temporary file left
@@ -299,13 +298,16 @@ def test_finetune_mistakes_are_one_line_and_write_nothing(blob_world, args, mess
 
 
 def test_finetune_mistakes_in_a_fresh_process(blob_world, tmp_path):
+    """`python -m classify finetune` itself (one fresh process), then the same command line in
+    this one."""
     run = blob_world / "runs" / "logreg"
-    assert_one_line_error(run_cli(["finetune", "--run", run, "--epochs", "0"], tmp_path),
+    assert_one_line_error(fresh(["finetune", "--run", run, "--epochs", "0"], tmp_path),
                           r"--epochs must be at least 1")
-    assert_one_line_error(run_cli(["finetune", "--run", run, "--val-fraction", "1.5"], tmp_path),
+    assert_one_line_error(call_cli("classify", "finetune", "--run", run, "--val-fraction", "1.5",
+                                   cwd=tmp_path),
                           r"--val-fraction must be a fraction between 0 and 1")
-    assert_one_line_error(run_cli(["finetune", "--run", run, "--unfreeze", "-1"], tmp_path),
-                          r"--unfreeze must be at least 0")
+    assert_one_line_error(call_cli("classify", "finetune", "--run", run, "--unfreeze", "-1",
+                                   cwd=tmp_path), r"--unfreeze must be at least 0")
 
 
 # --- runs on real images ----------------------------------------------------------------------
@@ -341,7 +343,7 @@ def test_item1_a_fine_tuned_model_loads_in_a_fresh_process(tmp_path):
     # had never imported its module, so Keras could not find the class.
     import keras
 
-    from featurize.preprocessing import ImagePreprocessing
+    from featurize.models.preprocessing import ImagePreprocessing
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.GlobalAveragePooling2D()(ImagePreprocessing("vggface1")(inputs))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
@@ -355,12 +357,10 @@ def test_item1_a_fine_tuned_model_loads_in_a_fresh_process(tmp_path):
         "provenance": {"settings": attrs["settings"]}, "score_kind": "probability"}))
     batch = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3)).astype("float32")
     np.save(tmp_path / "batch.npy", batch)
-    code = ("import sys, numpy as np; from classify.runs import load; "
+    code = ("import sys, numpy as np; from classify._runs import load; "
             "record, model = load(sys.argv[1]); "
             "print(model.predict(np.load(sys.argv[2]), verbose=0)[0, 0])")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code, str(run), str(tmp_path / "batch.npy")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_python(code, run, tmp_path / "batch.npy", cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout.split()[-1]) == pytest.approx(
         float(model.predict(batch, verbose=0)[0, 0]), rel=1e-4)
@@ -369,8 +369,8 @@ def test_item1_a_fine_tuned_model_loads_in_a_fresh_process(tmp_path):
 def test_predict_exits_1_when_an_input_is_not_an_image_and_clips_top_k(image_world, tmp_path):
     (tmp_path / "notes.jpg").write_text("not a picture")
     image = image_world / "faces" / "alice" / "alice_0001.jpg"
-    proc = run_cli(["predict", image, tmp_path / "notes.jpg", "--run",
-                    image_world / "runs" / "logreg", "--top-k", "50"], tmp_path)
+    proc = call_cli("classify", "predict", image, tmp_path / "notes.jpg", "--run",
+                    image_world / "runs" / "logreg", "--top-k", "50", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     good, bad = proc.stdout.splitlines()
     assert good.startswith(f"{image}: ") and good.count(", ") == 2  # all 3 classes, no more
@@ -390,8 +390,8 @@ def test_item3_finetune_names_missing_images_before_training(image_world, tmp_pa
         p.unlink()
     try:
         # options that would train on these 18 images: the check must come first
-        proc = run_cli(["finetune", "--run", run, "--epochs", "1", "--batch-size", "8",
-                        "--val-fraction", "0.3"], tmp_path)
+        proc = call_cli("classify", "finetune", "--run", run, "--epochs", "1", "--batch-size",
+                        "8", "--val-fraction", "0.3", cwd=tmp_path)
     finally:
         for p, data in zip(gone, saved):
             _restore(p, data)
@@ -424,7 +424,8 @@ def test_training_on_an_incomplete_cache_warns_and_notes_it(tmp_path):
     with h5py.File(path, "a") as f:
         f.attrs["complete"] = False
         f.attrs["pending"] = 7
-    proc = run_cli(["--cache", path, "--head", "centroid", "--out", tmp_path / "run"], tmp_path)
+    proc = call_cli("classify", "--cache", path, "--head", "centroid", "--out", tmp_path / "run",
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     warning = (f"cache {path} is incomplete: 7 images were not embedded (featurize was "
                "interrupted); run featurize again to finish it")

@@ -2,29 +2,24 @@
 nothing written, junk input commits no cache, TensorFlow's start-up lines stay out of the
 output, and the Python API leaves the caller's signal handlers alone."""
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import make_folder
+from conftest import call_cli, cli_command, cli_env, make_folder, run_cli, run_python
 from featurize import cache
 from featurize.cli import main
 from featurize.errors import UserError
-from featurize.run import featurize
+from featurize.jobs.run import featurize
 
 TINY = ["--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32", "--quiet"]
-REPO = Path(__file__).resolve().parents[1]
 
 
-def env(**extra):
-    out = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    out.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it: nothing set
-    return {**out, **extra}
+def env():
+    return cli_env(drop=["TF_CPP_MIN_LOG_LEVEL"])  # as a user runs it: nothing set
 
 
 def files_under(root: Path) -> set:
@@ -57,7 +52,7 @@ def test_bad_featurize_values_are_one_line_and_write_nothing(option, value, mess
 
 def test_inception_needs_its_own_minimum_input_size(tmp_path):
     folder = make_folder(tmp_path / "imgs", per_class=1)
-    with pytest.raises(UserError, match="--input-size must be between 75 and"):
+    with pytest.raises(UserError, match="input_size must be between 75 and"):
         featurize(folder, backbone="inceptionv3", weights="none", input_size=64,
                   cache_dir=tmp_path / "c", progress=False)
 
@@ -69,26 +64,22 @@ def test_files_that_are_not_images_commit_no_cache_and_exit_2(tmp_path):
     for name in ("a/one.jpg", "a/two.jpg", "b/three.png"):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text("Aaron_Eckhart 1 Aaron_Eckhart 2\n")
-    proc = subprocess.run([sys.executable, "-m", "featurize", str(folder), *TINY,
-                           "--cache-dir", str(tmp_path / "c")], env=env(), cwd=tmp_path,
-                          capture_output=True, text=True)
+    proc = call_cli("featurize", folder, *TINY, "--cache-dir", tmp_path / "c", cwd=tmp_path)
     assert proc.returncode == 2, proc
     assert proc.stderr.count("\n") == 1 and "none of the 3 files" in proc.stderr
     assert "not an image" in proc.stderr and "Traceback" not in proc.stderr
     assert list((tmp_path / "c").glob("*.h5")) == [] and cache.newest(tmp_path / "c") is None
-    assert not list((tmp_path / "c").glob("*.parts")) and not list((tmp_path / "c").glob("*.lock"))
+    assert not list((tmp_path / "c").glob("*.shards")) and not list((tmp_path / "c").glob("*.lock"))
 
 
 def test_tensorflow_start_up_lines_stay_out_of_the_output(tmp_path):
     folder = make_folder(tmp_path / "imgs", per_class=2)
-    proc = subprocess.run([sys.executable, "-m", "featurize", str(folder), *TINY,
-                           "--cache-dir", str(tmp_path / "c")], env=env(), cwd=tmp_path,
-                          capture_output=True, text=True)
+    proc = run_cli("featurize", folder, *TINY, "--cache-dir", tmp_path / "c", env=env(),
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr  # no oneDNN / absl / cpu_feature_guard lines
-    again = subprocess.run([sys.executable, "-m", "featurize", str(folder), *TINY,
-                            "--cache-dir", str(tmp_path / "c")], env=env(), cwd=tmp_path,
-                           capture_output=True, text=True)
+    again = run_cli("featurize", folder, *TINY, "--cache-dir", tmp_path / "c", env=env(),
+                    cwd=tmp_path)
     assert again.returncode == 0 and again.stderr == "" and "6 already cached" in again.stdout
 
 
@@ -105,20 +96,18 @@ def test_commands_that_need_no_model_never_import_tensorflow(tmp_path):
         "assert f(['--list-backbones']) == 0\n"
         f"assert c(['runs', '--runs-dir', {str(tmp_path / 'runs')!r}]) == 0\n"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n")
-    proc = subprocess.run([sys.executable, "-c", script], env=env(), cwd=tmp_path,
-                          capture_output=True, text=True)
+    proc = run_python(script, env=env(), cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_help_mentions_verify():
-    proc = subprocess.run([sys.executable, "-m", "featurize", "--help"], env=env(),
-                          capture_output=True, text=True)
+    proc = run_cli("featurize", "--help", env=env())
     assert proc.returncode == 0 and "featurize verify CACHE" in proc.stdout
 
 
 def test_download_error_keeps_its_whole_cause(tmp_path, http_server):
-    from featurize.backbones import WeightFile
-    from featurize.weights import download_weights
+    from featurize.models.specs import WeightFile
+    from featurize.models.weights import download_weights
     served, base, stop = http_server
     stop()  # nothing listens any more: the cause is the refused connection, deep in the chain
     with pytest.raises(UserError) as info:
@@ -147,7 +136,7 @@ def test_the_api_runs_in_a_thread_and_leaves_signal_handlers_alone(tmp_path):
 
 def test_output_closed_early_by_a_pipe_is_no_traceback():
     """`python -m featurize --list-backbones | head -1`"""
-    proc = subprocess.Popen([sys.executable, "-m", "featurize", "--list-backbones"], env=env(),
+    proc = subprocess.Popen(cli_command("featurize", "--list-backbones"), env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # as `head -0` does, before the listing is written
     err = proc.stderr.read()

@@ -5,7 +5,6 @@ and `collect` (classify predict's inputs)."""
 import io
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,13 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import LFW_IMAGES, lfw_available, write_image
+from conftest import LFW_IMAGES, call_cli, lfw_available, run_python, write_image
 from featurize import cache
-from featurize import images
+from featurize.data import images
+from featurize.data.images import ImageError, collect, list_dataset, open_rgb, read_rgb
 from featurize.errors import UserError
-from featurize.images import ImageError, collect, list_dataset, open_rgb, read_rgb
 
-REPO = Path(__file__).resolve().parents[1]
 SIX_GB = 6 << 30
 
 
@@ -55,16 +53,6 @@ def pillow_pixels(path, draft=None) -> np.ndarray:
             im.draft("RGB", (draft, draft))
         im.load()
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-
-
-def env():
-    return {**os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-
-
-def featurize_cli(args, cwd, **kw):
-    return subprocess.run([sys.executable, "-m", "featurize", *map(str, args)], env=env(),
-                          cwd=cwd, capture_output=True, text=True, **kw)
 
 
 # -- item 11: a JPEG with missing scan data is a failure in both decoding paths -------------------
@@ -364,7 +352,7 @@ def test_featurize_cli_refuses_sources_that_are_not_datasets_in_one_line(tmp_pat
     for source, says in [("/dev/null", "character device"), (tmp_path / "pipe", "named pipe"),
                          (tmp_path / "data" / "pairs.txt", "none of its 1 lines"),
                          (tmp_path / "data" / "labels.txt", "lines 1 and 2")]:
-        r = featurize_cli([source, "--cache-dir", "cache"], work, timeout=120)
+        r = call_cli("featurize", source, "--cache-dir", "cache", cwd=work)
         assert r.returncode == 2, (source, r.stderr)
         assert r.stderr.count("\n") == 1 and says in r.stderr and "Traceback" not in r.stderr
     assert list(work.iterdir()) == []  # nothing written
@@ -384,10 +372,9 @@ def test_featurize_cli_on_hostile_links_and_huge_files_stays_small_and_clean(tmp
     measure = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
                "sys.exit(r.returncode)")
-    r = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "featurize", root,
-                        "--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32",
-                        "--quiet", "--workers", "2", "--cache-dir", tmp_path / "cache"],
-                       env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = run_python(measure, sys.executable, "-m", "featurize", root, "--backbone", "vggface-vgg16",
+                   "--weights", "none", "--input-size", "32", "--quiet", "--workers", "2",
+                   "--cache-dir", tmp_path / "cache", cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     peak_mb = int(r.stdout.strip().splitlines()[-1]) / 1024
     print(f"featurize peak RSS: {peak_mb:.0f} MB")

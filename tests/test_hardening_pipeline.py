@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_folder, write_image
-from featurize import cache, pipeline
-from featurize.images import Item, ModelInput
+from conftest import call_cli, cli_command, cli_env, make_folder, run_python, write_image
+from featurize import cache
+from featurize.data.images import Item, ModelInput
+from featurize.engines import pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32", "--quiet"]
 GUARD = 'if __name__ == "__main__":'
 TF_LOG = re.compile(r"WARNING: All log messages before absl|[IWE]\d{4} ")  # TensorFlow's C++ log
@@ -27,8 +27,7 @@ linux_shm = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs Linu
 
 
 def env(**extra):
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+    return cli_env(TF_CPP_MIN_LOG_LEVEL="3", **extra)
 
 
 # --- item 4: a script that calls featurize() at its top level ------------------------------------
@@ -58,9 +57,7 @@ def run_script(tmp_path, prefix=""):
     script = tmp_path / "user_script.py"
     script.write_text(SCRIPT.format(prefix=prefix, indent="    " if prefix else "",
                                     folder=str(folder), cache_dir=str(tmp_path / "cache")))
-    proc = subprocess.run([sys.executable, str(script)], env=env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    return proc, script
+    return run_python(script, env=env(), cwd=tmp_path, timeout=300), script
 
 
 def test_a_script_without_the_main_guard_works_in_threads_and_says_how_to_use_processes(tmp_path):
@@ -97,8 +94,7 @@ def test_only_calls_workers_would_repeat_give_up_worker_processes(tmp_path, body
     script = tmp_path / "user_script.py"
     script.write_text("from featurize.pipeline import _why_workers_would_fail\n"
                       "report = lambda: print(repr(_why_workers_would_fail()))\n" + body)
-    proc = subprocess.run([sys.executable, str(script)], env=env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    proc = run_python(script, env=env(), cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     why = ast.literal_eval(proc.stdout.strip())
     assert why is None if flagged_line is None else why[1:] == (str(script), flagged_line)
@@ -136,13 +132,13 @@ def wait_until(condition, seconds=10.0):
 def test_sigkill_with_worker_processes_leaves_no_process_and_no_shared_memory(tmp_path):
     folder = make_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=40)
     marker = uuid.uuid4().hex
-    cmd = [sys.executable, "-m", "featurize", str(folder), *TINY_ARGS, "--cache-dir",
-           str(tmp_path / "c")]
+    args = [folder, *TINY_ARGS, "--cache-dir", tmp_path / "c"]
     slow = ["--workers", "4", "--batch-size", "2", "--checkpoint-rows", "2"]
-    proc = subprocess.Popen(cmd + slow, env=env(FEATURIZE_TEST_MARKER=marker), cwd=tmp_path,
+    proc = subprocess.Popen(cli_command("featurize", *args, *slow),
+                            env=env(FEATURIZE_TEST_MARKER=marker), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_until(lambda: list((tmp_path / "c").glob("*.parts/part-*.h5"))
+        assert wait_until(lambda: list((tmp_path / "c").glob("*.shards/part-*.h5"))
                           or proc.poll() is not None, 120)
         if proc.poll() is not None:  # a GPU embeds all 160 before the first check
             pytest.skip("the run finished before it could be killed (fast machine)")
@@ -160,8 +156,7 @@ def test_sigkill_with_worker_processes_leaves_no_process_and_no_shared_memory(tm
                 pass
     # A kill of the whole process group leaves segments no tracker removes: the next run does.
     (Path("/dev/shm") / f"featurize-{proc.pid}-99").write_bytes(b"\0" * 16)
-    done = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)  # with the default workers: threads on a small machine
+    done = call_cli("featurize", *args, cwd=tmp_path)  # the default workers
     assert done.returncode == 0, done.stderr
     assert segments_of(proc.pid) == []
     assert len(cache.read(next((tmp_path / "c").glob("*.h5"))).paths) == 160
@@ -227,9 +222,9 @@ def test_batches_of_failed_images_never_reach_the_model(tmp_path, workers, kind)
 
 def test_featurize_calls_the_model_only_for_batches_with_a_readable_image(tmp_path,
                                                                           monkeypatch):
-    import featurize.run as run_module
+    import featurize.jobs.run as run_module
     extractor = CountingExtractor()
-    monkeypatch.setattr(run_module, "build_extractor", lambda s, w: extractor)
+    monkeypatch.setattr(run_module, "build_extractor", lambda s, w, *args: extractor)
     folder = tmp_path / "data"
     unreadable_folder(folder / "a", 150)
     make_folder(folder, classes=("b",), per_class=1)

@@ -7,31 +7,20 @@ Real LFW images (skipped without ../shared or dlib), a few per test.
 
 import hashlib
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import LFW_IMAGES, lfw_available, one_line_error
+from conftest import LFW_IMAGES, REPO, call_cli, lfw_available, one_line_error, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 HAS_DLIB = __import__("importlib").util.find_spec("dlib") is not None
 needs_dlib = pytest.mark.skipif(not HAS_DLIB,
                                 reason="dlib not installed (pip install -e '.[dlib]')")
 needs_lfw = pytest.mark.skipif(not lfw_available(), reason="../shared/datasets/lfw not present")
 SAMPLE = ["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Aaron_Peirsol/Aaron_Peirsol_0002.jpg",
           "Colin_Powell/Colin_Powell_0007.jpg", "Colin_Powell/Colin_Powell_0008.jpg"]
-
-
-def _cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-m", "featurize", *map(str, args)], env=env, cwd=cwd,
-                       capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
 
 
 def _folder(root: Path, names=SAMPLE) -> Path:
@@ -48,9 +37,12 @@ def _embeddings(path) -> dict:
     return {p: np.asarray(e) for p, e in zip(c.paths, c.embeddings)}
 
 
-def _run(tmp_path, folder, name, *options):
-    code, out, err = _cli(folder, "--backbone", "dlib-resnet", "--quiet",
-                          "--cache-dir", tmp_path / name, *options, cwd=tmp_path)
+def _run(tmp_path, folder, name, *options, fresh=False):
+    """featurize --backbone dlib-resnet: called in this process, or in a fresh one."""
+    args = [folder, "--backbone", "dlib-resnet", "--quiet", "--cache-dir", tmp_path / name,
+            *options]
+    code, out, err = (run_cli("featurize", *args, cwd=tmp_path) if fresh
+                      else call_cli("featurize", *args, cwd=tmp_path))
     assert code == 0, err
     path = Path(out.strip().splitlines()[-1].removeprefix("cache: "))
     return path, out
@@ -62,8 +54,10 @@ def _run(tmp_path, folder, name, *options):
 @needs_dlib
 def test_jittered_embeddings_are_bit_identical_across_runs_and_worker_counts(tmp_path):
     folder = _folder(tmp_path / "faces")
-    runs = [_run(tmp_path, folder, name, "--jitter", "3", "--workers", workers)[0]
-            for name, workers in (("one", 1), ("again", 1), ("two", 2))]
+    # the first run in a fresh process, the others in this one: no state carried between runs
+    runs = [_run(tmp_path, folder, name, "--jitter", "3", "--workers", workers, fresh=fresh)[0]
+            for name, workers, fresh in (("one", 1, True), ("again", 1, False),
+                                         ("two", 2, False))]
     first, *others = [_embeddings(path) for path in runs]
     assert sorted(first) == sorted(SAMPLE)
     for other in others:
@@ -77,8 +71,8 @@ def test_jittered_embeddings_are_bit_identical_across_runs_and_worker_counts(tmp
 @needs_lfw
 @needs_dlib
 def test_pass_i_depends_only_on_the_image_and_i():
-    from featurize.dlib_backbone import chip_descriptor, face_chip, jittered_chips
-    from featurize.images import read_rgb
+    from featurize.data.images import read_rgb
+    from featurize.models.dlib_backbone import chip_descriptor, face_chip, jittered_chips
     chip, _ = face_chip(read_rgb(str(LFW_IMAGES / SAMPLE[0])))
     other, _ = face_chip(read_rgb(str(LFW_IMAGES / SAMPLE[2])))
     few, more = jittered_chips(chip, 2), jittered_chips(chip, 5)
@@ -97,8 +91,8 @@ def test_the_benchmarks_stored_passes_give_featurizes_embedding():
         import jitter_curve
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    from featurize.dlib_backbone import describe, face_chip, pass_descriptors
-    from featurize.images import read_rgb
+    from featurize.data.images import read_rgb
+    from featurize.models.dlib_backbone import describe, face_chip, pass_descriptors
     chips = np.stack([face_chip(read_rgb(str(LFW_IMAGES / n)))[0] for n in SAMPLE[:3]])
     names = jitter_curve.pass_names(4)
     stored = {k: pass_descriptors(jitter_curve.pass_chips(k, chips)) for k in names
@@ -116,7 +110,8 @@ def test_the_benchmarks_stored_passes_give_featurizes_embedding():
 @needs_dlib
 def test_tta_accurate_has_its_key_its_provenance_and_says_its_cost_first(tmp_path):
     from featurize import cache
-    from featurize.extractor import TTA_PRESETS, make_settings
+    from featurize.models.config import make_settings
+    from featurize.settings import TTA_PRESETS
     folder = _folder(tmp_path / "faces", SAMPLE[:2])
     path, out = _run(tmp_path, folder, "accurate", "--tta", "accurate")
     lines = out.strip().splitlines()
@@ -145,7 +140,7 @@ def _old_key(fields: dict) -> str:
 
 
 def test_caches_of_dlibs_unseeded_jitter_keep_their_key_and_do_not_share_the_new_one():
-    from featurize.extractor import EmbeddingSettings
+    from featurize.settings import EmbeddingSettings
     fields = dict(backbone="dlib-resnet", weights="a" * 64, weights_file="m.dat", layer="",
                   pooling="none", input_size=150, crop=0.0, flip=False,
                   preprocessing="dlib-5pt-chip", precision="float32", jitter=10,
@@ -162,7 +157,7 @@ def test_caches_of_dlibs_unseeded_jitter_keep_their_key_and_do_not_share_the_new
 
 @needs_dlib
 def test_jitter_n_is_seeded_and_the_default_is_not():
-    from featurize.extractor import make_settings
+    from featurize.models.config import make_settings
     default, _ = make_settings("dlib-resnet")
     assert default.jitter == 0 and default.jitter_scheme == ""
     jittered, _ = make_settings("dlib-resnet", jitter=4)
@@ -170,10 +165,11 @@ def test_jitter_n_is_seeded_and_the_default_is_not():
 
 
 def test_tta_mistakes_are_one_line(tmp_path):
-    code, _, err = _cli(tmp_path, "--backbone", "dlib-resnet", "--tta", "accurate",
-                        "--jitter", "3", cwd=tmp_path)
+    code, _, err = call_cli("featurize", tmp_path, "--backbone", "dlib-resnet", "--tta",
+                            "accurate", "--jitter", "3", cwd=tmp_path)
     one_line_error(code, err, "--tta accurate", "--jitter 3", "not both")
-    code, _, err = _cli(tmp_path, "--backbone", "mobilenetv2", "--tta", "accurate", cwd=tmp_path)
+    code, _, err = call_cli("featurize", tmp_path, "--backbone", "mobilenetv2", "--tta",
+                            "accurate", cwd=tmp_path)
     one_line_error(code, err, "--tta accurate", "dlib-resnet", "mobilenetv2", "--flip")
-    code, _, err = _cli(tmp_path, "--tta", "slow", cwd=tmp_path)
+    code, _, err = call_cli("featurize", tmp_path, "--tta", "slow", cwd=tmp_path)
     assert code == 2 and "--tta" in err and "Traceback" not in err

@@ -25,8 +25,8 @@ FULL = dict(per_person=None, pairs=None)  # every image of the 12 people, all 1,
 def _lfw_cache(root, per_person, pairs):
     """A dlib-resnet cache of the people with >= 50 images (their first `per_person` images)
     and the images of the first `pairs` View 1 test pairs: (cache path, people, pairs)."""
-    from classify.verify import parse_pairs
-    from featurize.run import featurize
+    from classify._verify import parse_pairs
+    from featurize.jobs.run import featurize
     root.mkdir()
     people = [p for p in sorted(os.listdir(LFW_IMAGES)) if len(os.listdir(LFW_IMAGES / p)) >= 50]
     for person in people:
@@ -58,7 +58,7 @@ def lfw_cache(request, tmp_path_factory):
 
 
 def test_identification_of_people_with_at_least_50_images(lfw_cache, tmp_path):
-    from classify.train import train
+    from classify._train import train
     (path, people, _), size = lfw_cache
     r = train(path, "logreg", min_per_class=size["per_person"] or 50, runs_dir=tmp_path / "runs")
     assert r.classes == people and r.n_images == (1560 if size is FULL else 12 * 20)
@@ -66,7 +66,7 @@ def test_identification_of_people_with_at_least_50_images(lfw_cache, tmp_path):
 
 
 def test_view1_verification(lfw_cache, tmp_path):
-    from classify.verify import verify
+    from classify._verify import verify
     (path, _, pairs), size = lfw_cache
     result = verify(path, pairs, roc_path=tmp_path / "roc.png")
     assert result["pairs"] == (size["pairs"] or 1000) and result["skipped"] == 0

@@ -4,13 +4,9 @@ checked beside the code that could touch them)."""
 
 import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
-from featurize.download import fetch
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_python
+from featurize.data.download import fetch
 
 
 def test_importing_the_decoders_keeps_the_callers_pillow_flags():
@@ -18,8 +14,7 @@ def test_importing_the_decoders_keeps_the_callers_pillow_flags():
               "ImageFile.LOAD_TRUNCATED_IMAGES = True\n"
               "import featurize.images, featurize.pipeline, featurize.run\n"
               "assert ImageFile.LOAD_TRUNCATED_IMAGES is True\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    proc = run_python(script)
     assert proc.returncode == 0, proc.stderr
 
 

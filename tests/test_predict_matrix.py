@@ -1,31 +1,29 @@
 """End to end: every head x (a face backbone, a non-face backbone) x (plain run, fine-tuned
-run). Runs are built in this process; each is then used by `python -m classify predict` in a
-FRESH subprocess, where nothing has been imported beforehand (issue #11, items 1 and 2: a
-fine-tuned model could not be loaded there, and knn/centroid over a non-face backbone, whose
-pipeline has no feature step, crashed). Predictions are checked against the same computation
-done here."""
+run). Runs are built in this process; each is then used by `classify predict` (issue #11,
+items 1 and 2: a fine-tuned model could not be loaded in a fresh process, and knn/centroid over
+a non-face backbone, whose pipeline has no feature step, crashed). Fine-tuned runs, whose
+model.keras holds featurize's own preprocessing layer, are predicted by `python -m classify
+predict` in a FRESH subprocess, where nothing has been imported beforehand; the others (their
+heads are scikit-learn's, ours by module name, or standard Keras layers) by the same command
+line called in this process. Predictions are checked against the same computation done here."""
 
-import os
 import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_folder, same
-from classify import heads
+from classify import _heads as heads
+from classify._finetune import finetune
+from classify._runs import load
+from classify._train import train
 from classify.cli import main
-from classify.finetune import finetune
-from classify.runs import load
-from classify.train import train
+from conftest import call_cli, make_folder, run_cli, same
 from featurize import cache
-from featurize.extractor import EmbeddingSettings
-from featurize.run import featurize
+from featurize.jobs.run import featurize
+from featurize.models.inputs import model_input
+from featurize.settings import EmbeddingSettings
 
-REPO = Path(__file__).resolve().parents[1]
 BACKBONES = {  # 32 px, seeded random weights: plumbing, fast
     "face": "vggface-vgg16",  # normalize on by default: the pipeline starts with an l2 step
     "nonface": "vgg16",  # keras.applications, normalize off: the pipeline is the head alone
@@ -54,30 +52,35 @@ def expected_scores(record, pipeline, embeddings) -> tuple[list[str], np.ndarray
 
 def finetuned_scores(run_dir, root) -> tuple[list[str], np.ndarray]:
     record, model = load(run_dir)
-    prepare = EmbeddingSettings.from_json(record["provenance"]["settings"]).model_input
+    prepare = model_input(EmbeddingSettings.from_json(record["provenance"]["settings"]))
     batch = np.stack([prepare(str(root / name)) for name in IMAGES])
     return record["classes"], np.asarray(model.predict(batch, verbose=0))
 
 
-def predict_in_subprocess(run_dir, root, cwd):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "classify", "predict", *[str(root / n) for n in IMAGES],
-           "--run", str(run_dir), "--top-k", "10"]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+def predict_args(run_dir, root):
+    return ["predict", *[root / n for n in IMAGES], "--run", run_dir, "--top-k", "10"]
+
+
+def needs_a_fresh_process(head, kind) -> bool:
+    """A fine-tuned run's model.keras (featurize's preprocessing layer inside): what a fresh
+    process must be able to deserialise without anything imported beforehand."""
+    return kind == "finetuned"
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    """{(backbone, head, kind): (run_dir, expected (classes, scores) or None, predict result)}.
-    Each run's subprocess starts as soon as the run exists, overlapping the next builds."""
+    """{(backbone, head, kind): (run_dir, expected (classes, scores) or None, predict result
+    of a fresh process or None)}, and the images' and the commands' folders. Each fresh
+    process starts as soon as its run exists, overlapping the next builds."""
     base = tmp_path_factory.mktemp("matrix")
     root = make_folder(base / "faces", per_class=6)
     cases, started = {}, {}
     with ThreadPoolExecutor(2) as pool:
         def add(key, run_dir, expected):
             cases[key] = (run_dir, expected)
-            if expected is not None:
-                started[key] = pool.submit(predict_in_subprocess, run_dir, root, base)
+            if expected is not None and needs_a_fresh_process(*key[1:]):
+                started[key] = pool.submit(run_cli, "classify", *predict_args(run_dir, root),
+                                           cwd=base, timeout=300)
 
         for backbone_kind, backbone in BACKBONES.items():
             s = featurize(root, backbone=backbone, weights="none", input_size=32,
@@ -96,7 +99,7 @@ def matrix(tmp_path_factory):
                                  log=lambda m: None)["run_dir"]
                 add((backbone_kind, head, "finetuned"), tuned, finetuned_scores(tuned, root))
         results = {key: future.result() for key, future in started.items()}
-    return {key: (*value, results.get(key)) for key, value in cases.items()}
+    return {key: (*value, results.get(key)) for key, value in cases.items()}, root, base
 
 
 LINE = re.compile(r"^(?P<path>.+): (?P<prediction>\S+)  \((?P<kind>\w+): (?P<top>.*)\)$")
@@ -105,8 +108,9 @@ LINE = re.compile(r"^(?P<path>.+): (?P<prediction>\S+)  \((?P<kind>\w+): (?P<top
 @pytest.mark.parametrize("kind", ["plain", "finetuned"])
 @pytest.mark.parametrize("head", list(heads.HEADS))
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_predict_in_a_fresh_process(matrix, backbone, head, kind, capsys):
-    run_dir, expected, proc = matrix[backbone, head, kind]
+def test_predict(matrix, backbone, head, kind, capsys):
+    cases, root, base = matrix
+    run_dir, expected, proc = cases[backbone, head, kind]
     if expected is None:  # only logreg and dense runs can be fine-tuned: a one-line refusal
         before = sorted(run_dir.parent.iterdir())
         assert main(["finetune", "--run", str(run_dir), "--epochs", "1"]) == 2
@@ -114,6 +118,8 @@ def test_predict_in_a_fresh_process(matrix, backbone, head, kind, capsys):
         assert err.count("\n") == 1 and f"needs a dense or logreg run; {run_dir} is {head}" in err
         assert sorted(run_dir.parent.iterdir()) == before  # no run folder, not even a hidden one
         return
+    if proc is None:  # nothing the fresh process is for: the same command line, in this one
+        proc = call_cli("classify", *predict_args(run_dir, root), cwd=base)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.splitlines()

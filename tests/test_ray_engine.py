@@ -6,19 +6,27 @@ without Ray or s3fs. Ray starts with 2 CPUs."""
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_folder, same, write_image
-from featurize import cache, dlib_backbone, open_cache
+from conftest import (
+    call_cli,
+    cli_command,
+    cli_env,
+    make_folder,
+    run_cli,
+    run_python,
+    same,
+    write_image,
+)
+from featurize import cache, open_cache
 from featurize.errors import UserError
-from featurize.run import featurize
+from featurize.jobs.run import featurize
+from featurize.models import dlib_backbone
 
-REPO = Path(__file__).resolve().parents[1]
 # Ray Data's own DataContext warns about its own deprecated fields as it copies itself.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32, progress=False)
@@ -29,13 +37,11 @@ BAD = {"bob/bob_truncated.jpg": "corrupt: truncated", "carol/carol_text.jpg": "n
 
 
 def _env(keras_home: Path, **extra) -> dict:
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "3",
-            "KERAS_HOME": str(keras_home), **extra}
+    return cli_env(TF_CPP_MIN_LOG_LEVEL="3", KERAS_HOME=keras_home, **extra)
 
 
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "featurize", *map(str, args)]
+    return cli_command("featurize", *args)
 
 
 def _dataset(root: Path, per_class: int = 10) -> Path:
@@ -109,6 +115,7 @@ def test_ray_run_equals_a_local_run(ray_session, images, reference, tmp_path):
 
 def test_a_mistake_an_actor_finds_is_one_user_error(ray_session, tmp_path):
     import h5py
+
     from featurize.errors import UserError
     folder = make_folder(tmp_path / "imgs", per_class=1)
     with h5py.File(tmp_path / "not_weights.h5", "w") as f:  # found out when the model loads
@@ -173,8 +180,8 @@ def test_killed_driver_rerun_skips_every_completed_shard(keras_home, images, ref
     out, trace = tmp_path / "ray.h5", tmp_path / "trace"
     # a pause after each shard: the Ray processes outlive the killed driver for a moment
     env = _env(keras_home, FEATURIZE_RAY_TRACE=str(trace), FEATURIZE_RAY_TRACE_SLEEP="1")
-    cmd = _cli(images, "--engine", "ray", "--out", out, *TINY_CLI, *SMALL_CLI)
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+    args = [images, "--engine", "ray", "--out", out, *TINY_CLI, *SMALL_CLI]
+    proc = subprocess.Popen(_cli(*args), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait(lambda: len(list(cache.shards_dir(out).glob("work-*.h5"))) >= 2, proc)
     proc.kill()  # SIGKILL: no cleanup, no commit
@@ -185,9 +192,8 @@ def test_killed_driver_rerun_skips_every_completed_shard(keras_home, images, ref
     before = [name for name, _, _ in _trace_lines(trace, "embed")]
     assert 2 <= len(done) < 6 and not out.exists()
 
-    rerun = subprocess.run(cmd + ["--quiet"],
-                           env=_env(keras_home, FEATURIZE_RAY_TRACE=str(trace)), cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+    rerun = run_cli("featurize", *args, "--quiet", cwd=tmp_path, timeout=300,
+                    env=_env(keras_home, FEATURIZE_RAY_TRACE=str(trace)))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     noise = [line for line in rerun.stderr.splitlines() if not line.startswith("warning: ")
              and "core_worker.cc" not in line]  # Ray's C++ note on actor restarts, one line
@@ -232,9 +238,8 @@ print(summary.embedded, state() == before, ray.is_initialized())
 
 def test_a_library_call_that_starts_ray_leaves_the_process_as_found(keras_home, tmp_path):
     folder = make_folder(tmp_path / "imgs", per_class=1)
-    run = subprocess.run([sys.executable, "-c", GLOBALS_SCRIPT, folder, tmp_path / "c.h5"],
-                         env=_env(keras_home), cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    run = run_python(GLOBALS_SCRIPT, folder, tmp_path / "c.h5", env=_env(keras_home),
+                     cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["3", "True", "False"]  # signals, faulthandler; Ray shut down
 
@@ -282,10 +287,9 @@ def test_s3_manifest_on_ray_and_locally_equals_the_same_images_from_disk(keras_h
     disk = featurize(_manifest(images, tmp_path / "disk.txt", url=False),
                      out=tmp_path / "disk.h5", **SMALL, **TINY)
     manifest = _manifest(images, tmp_path / "s3.txt", url=True)
-    run = subprocess.run(_cli(manifest, "--engine", "ray", "--out", tmp_path / "ray.h5",
-                              "--quiet", *TINY_CLI, *SMALL_CLI),
-                         env=_env(keras_home, **s3), cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
+    run = run_cli("featurize", manifest, "--engine", "ray", "--out", tmp_path / "ray.h5",
+                  "--quiet", *TINY_CLI, *SMALL_CLI, env=_env(keras_home, **s3), cwd=tmp_path,
+                  timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     local = featurize(manifest, out=tmp_path / "local.h5", **SMALL, **TINY)
     assert local.embedded == 30 and disk.embedded == 30
@@ -300,27 +304,25 @@ def test_s3_manifest_on_ray_and_locally_equals_the_same_images_from_disk(keras_h
         assert list(made.labels) == list(want.labels[rows])
         assert {k.removeprefix("s3://faces/"): r for k, r in made.failed.items()} == {
             **BAD, "nobody/missing.jpg": "missing"}
-    check = subprocess.run([sys.executable, "-m", "featurize", "verify", tmp_path / "local.h5",
-                            "--sample", "3"], env=_env(keras_home, **s3), cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+    check = call_cli("featurize", "verify", tmp_path / "local.h5", "--sample", "3", cwd=tmp_path)
     assert check.returncode == 0 and "30 rows" in check.stdout, check.stdout + check.stderr
     assert "max abs difference" in check.stdout and "missing" not in check.stdout
 
 
 # --- one-line errors ----------------------------------------------------------------------------
 
-def _without(module: str, *args) -> list[str]:
-    """`python -m featurize ARGS` in a process where `import MODULE` fails."""
-    code = ("import runpy, sys; sys.modules[%r] = None; sys.argv = ['featurize'] + sys.argv[1:]; "
-            "runpy.run_module('featurize', run_name='__main__')" % module)
-    return [sys.executable, "-c", code, *map(str, args)]
+def _without(module: str, *args, keras_home, cwd):
+    """`python -m featurize ARGS` in a fresh process where `import MODULE` fails."""
+    code = (f"import runpy, sys; sys.modules[{module!r}] = None; "
+            "sys.argv = ['featurize'] + sys.argv[1:]; "
+            "runpy.run_module('featurize', run_name='__main__')")
+    return run_python(code, *args, env=_env(keras_home), cwd=cwd, timeout=120)
 
 
 def test_missing_ray_is_one_line_naming_the_extra(keras_home, tmp_path):
     folder = make_folder(tmp_path / "imgs", per_class=1)
-    run = subprocess.run(_without("ray", folder, "--engine", "ray", "--out", tmp_path / "c.h5",
-                                  *TINY_CLI), env=_env(keras_home), cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    run = _without("ray", folder, "--engine", "ray", "--out", tmp_path / "c.h5", *TINY_CLI,
+                   keras_home=keras_home, cwd=tmp_path)
     assert run.returncode == 2, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
     assert "pip install 'featurize-embeddings[ray]'" in run.stderr
@@ -330,9 +332,8 @@ def test_missing_ray_is_one_line_naming_the_extra(keras_home, tmp_path):
 def test_missing_s3fs_is_one_line_naming_the_package(keras_home, tmp_path):
     manifest = tmp_path / "list.txt"
     manifest.write_text("s3://bucket/a.jpg\talice\n")
-    run = subprocess.run(_without("s3fs", manifest, "--out", tmp_path / "c.h5", *TINY_CLI),
-                         env=_env(keras_home), cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
+    run = _without("s3fs", manifest, "--out", tmp_path / "c.h5", *TINY_CLI,
+                   keras_home=keras_home, cwd=tmp_path)
     assert run.returncode == 2, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and "pip install s3fs" in run.stderr
 
@@ -343,34 +344,34 @@ def test_unresolvable_address_is_one_line_at_once(keras_home, tmp_path):
     """ray.init retried a host that does not resolve for minutes (and ignored SIGTERM)."""
     from conftest import one_line_error
     folder = make_folder(tmp_path / "imgs", per_class=1)
-    run = subprocess.run(_cli(folder, "--engine", "ray", "--address", "nowhere:1", "--out",
-                              tmp_path / "c.h5", "--quiet", *TINY_CLI),
-                         env=_env(keras_home), cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60)
+    run = run_cli("featurize", folder, "--engine", "ray", "--address", "nowhere:1", "--out",
+                  tmp_path / "c.h5", "--quiet", *TINY_CLI, env=_env(keras_home), cwd=tmp_path,
+                  timeout=60)
     one_line_error(run.returncode, run.stderr, "--address nowhere:1", "host nowhere not found")
     assert not (tmp_path / "c.h5").exists()
 
 
 def test_refused_port_is_one_line(keras_home, tmp_path):
     import socket
+
     from conftest import one_line_error
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     folder = make_folder(tmp_path / "imgs", per_class=1)
-    run = subprocess.run(_cli(folder, "--engine", "ray", "--address", address, "--out",
-                              tmp_path / "c.h5", "--quiet", *TINY_CLI),
-                         env=_env(keras_home), cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60)
+    run = run_cli("featurize", folder, "--engine", "ray", "--address", address, "--out",
+                  tmp_path / "c.h5", "--quiet", *TINY_CLI, env=_env(keras_home), cwd=tmp_path,
+                  timeout=60)
     one_line_error(run.returncode, run.stderr, f"--address {address}", "no answer")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_sigterm_stops_a_ray_run_as_ctrl_c_does(keras_home, images, reference, tmp_path, sig):
+def test_sigterm_stops_a_ray_run_as_ctrl_c_does(keras_home, images, reference, tmp_path, sig,
+                                                ray_session):
     out, trace = tmp_path / "ray.h5", tmp_path / "trace"
     env = _env(keras_home, FEATURIZE_RAY_TRACE=str(trace), FEATURIZE_RAY_TRACE_SLEEP="1")
-    cmd = _cli(images, "--engine", "ray", "--out", out, "--quiet", *TINY_CLI, *SMALL_CLI)
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+    args = [images, "--engine", "ray", "--out", out, "--quiet", *TINY_CLI, *SMALL_CLI]
+    proc = subprocess.Popen(_cli(*args), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait(lambda: len(_trace_lines(trace, "result")) >= 1, proc)  # the driver counted one
     proc.send_signal(sig)
@@ -378,22 +379,20 @@ def test_sigterm_stops_a_ray_run_as_ctrl_c_does(keras_home, images, reference, t
     assert proc.returncode == 130, stderr[-2000:]  # as after Ctrl-C: progress committed
     assert "interrupted, progress saved; run again to resume" in stdout
     assert f"cache: {out}" in stdout
-    check = subprocess.run(_cli("verify", out, "--sample", "2"), env=_env(keras_home),
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    check = call_cli("featurize", "verify", out, "--sample", "2", cwd=tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr
     committed = cache.read(out, strict=False)
     assert 1 <= len(committed.paths) < 30  # what was done before the signal is kept
-    rerun = subprocess.run(cmd, env=_env(keras_home), cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
+    rerun = call_cli("featurize", *args, cwd=tmp_path)  # on this process's Ray
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     _assert_same_cache(out, reference)
 
 
 def test_work_shards_give_every_actor_work():
-    from featurize.ray_engine import MAX_SHARD_ROWS, SHARDS_PER_ACTOR, shard_rows, work_shards
-    from featurize.extractor import make_settings
-    from featurize.images import Item
-    from featurize.run import RunOptions
+    from featurize.data.images import Item
+    from featurize.engines.ray_data import MAX_SHARD_ROWS, SHARDS_PER_ACTOR, shard_rows, work_shards
+    from featurize.jobs.run import RunOptions
+    from featurize.models.config import make_settings
     run = RunOptions()  # --checkpoint-rows 1024: shards of at most 256 images
     assert shard_rows(run) == MAX_SHARD_ROWS
     settings, _ = make_settings("vggface-vgg16", "none", input_size=32)
@@ -408,7 +407,7 @@ def test_work_shards_give_every_actor_work():
 
 def test_actors_report_progress_per_model_batch():
     """The driver's bar follows each actor's batches (it moved per shard of up to 256)."""
-    from featurize.ray_engine import ShardEmbedder
+    from featurize.engines.ray_data import ShardEmbedder
 
     class Reports:
         def __init__(self):

@@ -1,5 +1,7 @@
-"""The README's Python API example runs as written, in a fresh process."""
+"""The README is a short front door whose Python quick start runs as written; the docs site's
+Python API tour runs too; the generated results tables are current."""
 
+import ast
 import os
 import re
 import subprocess
@@ -9,22 +11,67 @@ from pathlib import Path
 from conftest import make_folder
 
 REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+CLASSES = ["alice", "bob", "carol"]
 
 
-def readme_block(heading: str) -> str:
-    text = (REPO / "README.md").read_text()
+def python_block(path: Path, heading: str) -> str:
+    """The first ```python block after `heading` in a Markdown file."""
+    text = path.read_text()
     section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_python_api_example_of_the_readme_runs(tmp_path):
+def run_code(code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *args, code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_readme_is_short_and_keeps_the_commands_ci_follows():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    # .ci/run installs and tests exactly as these two lines say
+    assert ('    pip install -e ".[dlib]" && python -m featurize.datasets lfw data/lfw && '
+            'python -m featurize data/lfw --backbone dlib-resnet\n') in text
+    assert '    pip install -e ".[dlib,test]" && python -m pytest\n' in text
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'pip install -e ".[dlib,test]"\npython -m pytest\n' in ci
+
+
+def test_the_readme_links_point_at_files_that_exist():
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README.read_text())
+    local = [link for link in links if "://" not in link]
+    assert "docs/install.md" in local and "docs/results.md" in local
+    for link in local:
+        assert (REPO / link).is_file(), link
+
+
+def test_the_readme_quick_start_runs_in_a_fresh_process(tmp_path):
+    make_folder(tmp_path / "faces")  # 3 class folders of 4 small random JPEGs
+    code = python_block(README, "## Python quick start")
+    assert len(code.splitlines()) <= 25
+    proc = run_code(code, tmp_path, "-c")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"(12, 512) {CLASSES}"  # the embeddings of the 12 images
+    head, accuracy = lines[1].split()
+    assert head == "logreg" and 0.0 <= float(accuracy) <= 1.0
+    predicted = ast.literal_eval(lines[2])  # a printed list of class names
+    assert len(predicted) == 1 and predicted[0] in CLASSES
+    assert lines[3] == str(CLASSES)  # the saved run loads again
+    run = tmp_path / "runs" / "logreg"
+    assert (run / "run.json").is_file() and (run / "head.skops").is_file()
+    assert len(list((tmp_path / "data" / "cache").glob("faces-*.h5"))) == 1
+
+
+def test_the_python_api_tour_of_the_docs_runs(tmp_path):
     make_folder(tmp_path / "faces")
     for name in ("pairsDevTest.txt", "pairsDevTrain.txt"):  # View 1 format, names of the folder
         (tmp_path / name).write_text("2\nalice 1 2\nbob 0 3\nalice 1 bob 1\ncarol 2 bob 2\n")
-    (tmp_path / "example.py").write_text(readme_block("## Python API"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    (tmp_path / "example.py").write_text(python_block(REPO / "docs" / "python-api.md",
+                                                      "## A runnable tour"))
+    proc = run_code("example.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == "(3, 512) 512"
@@ -35,3 +82,23 @@ def test_the_python_api_example_of_the_readme_runs(tmp_path):
     assert any(line.startswith("{'0.1': ") for line in lines)  # the open-set run's dir_at_far
     assert lines[-1].startswith("bad --param for head logreg: The 'C' parameter")
     assert (tmp_path / "runs" / "logreg-c10" / "run.json").is_file()
+
+
+def _between(text: str, begin: str, end: str) -> str:
+    return text[text.index(begin) + len(begin):text.index(end)]
+
+
+def test_the_generated_results_tables_are_current():
+    """docs/results.md and the README's headline table are what benchmarks/readme_tables.py
+    renders from benchmarks/results/*.json (run it with --write after a benchmark)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "readme_tables.py")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _between((REPO / "docs" / "results.md").read_text(),
+                       "<!-- results: generated by benchmarks/readme_tables.py -->",
+                       "<!-- end of results -->")
+    headline = _between(README.read_text(),
+                        "<!-- headline: generated by benchmarks/readme_tables.py -->",
+                        "<!-- end of headline -->")
+    assert proc.stdout == headline.strip("\n") + "\n\n" + results.lstrip("\n")
+    assert "| what | figure | machine | command |" in headline

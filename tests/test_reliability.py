@@ -2,7 +2,6 @@
 test over random sequences of file changes and interrupted runs."""
 
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -14,18 +13,26 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from conftest import copy_cache, make_folder, same, shard_files, stored_in, write_image
-from featurize import cache
+from conftest import (
+    call_cli,
+    cli_command,
+    cli_env,
+    copy_cache,
+    make_folder,
+    same,
+    shard_files,
+    stored_in,
+    write_image,
+)
+from featurize import atomic, cache
 from featurize.cli import main
 from featurize.errors import UserError
-from featurize.run import featurize
+from featurize.jobs.run import featurize
 
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32, progress=False)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -125,10 +132,14 @@ def test_hostile_corpus_every_good_image_embedded_every_bad_one_recorded(tmp_pat
     assert main(argv + ["--strict"]) == 1  # nothing new, but the failures are still there
 
 
+def _args(folder, cache_dir, *extra):
+    return [folder, "--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "48",
+            "--quiet", "--cache-dir", cache_dir, *extra]
+
+
 def _cli(folder, cache_dir, *extra):
-    return [sys.executable, "-m", "featurize", str(folder), "--backbone", "vggface-vgg16",
-            "--weights", "none", "--input-size", "48", "--quiet", "--cache-dir", str(cache_dir),
-            *extra]
+    """The run in a fresh process, for Popen: one to signal or kill."""
+    return cli_command("featurize", *_args(folder, cache_dir, *extra))
 
 
 def _wait_for_parts(cache_dir, n, proc, timeout=120):
@@ -150,10 +161,9 @@ def _shared_memory() -> set:
 def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_one(tmp_path,
                                                                                     workers):
     folder = make_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=40)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     before = _shared_memory()
     proc = subprocess.Popen(_cli(folder, tmp_path / "c", "--batch-size", "2", "--workers",
-                                 workers, "--checkpoint-rows", "2"), env=env, cwd=tmp_path,
+                                 workers, "--checkpoint-rows", "2"), env=cli_env(), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for_parts(tmp_path / "c", 2, proc) >= 2
     proc.send_signal(signal.SIGTERM)
@@ -168,10 +178,9 @@ def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_
     listed, present = shard_files(path)
     assert 0 < len(partial.paths) < 160 and listed == present  # all progress committed
     assert not Path(str(path) + ".lock").exists()
-    assert subprocess.run(_cli(folder, tmp_path / "c"), env=env, cwd=tmp_path,
-                          capture_output=True).returncode == 0
-    assert subprocess.run(_cli(folder, tmp_path / "fresh"), env=env, cwd=tmp_path,
-                          capture_output=True).returncode == 0
+    assert call_cli("featurize", *_args(folder, tmp_path / "c"), cwd=tmp_path).returncode == 0
+    assert call_cli("featurize", *_args(folder, tmp_path / "fresh"),
+                    cwd=tmp_path).returncode == 0
     resumed, fresh = cache.read(path), cache.read(next((tmp_path / "fresh").glob("*.h5")))
     assert resumed.paths == fresh.paths and list(resumed.labels) == list(fresh.labels)
     np.testing.assert_allclose(resumed.embeddings, fresh.embeddings, rtol=same(1e-5),
@@ -180,8 +189,9 @@ def test_sigterm_commits_progress_and_the_resumed_cache_equals_an_uninterrupted_
 
 def test_sigkill_at_several_moments_never_leaves_an_unreadable_cache(tmp_path):
     folder = make_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=40)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = _cli(folder, tmp_path / "c", "--batch-size", "2", "--checkpoint-rows", "2")
+    env = cli_env()
+    args = _args(folder, tmp_path / "c", "--batch-size", "2", "--checkpoint-rows", "2")
+    cmd = cli_command("featurize", *args)
     seen = []
     for parts in (1, 3, 6):
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
@@ -191,7 +201,7 @@ def test_sigkill_at_several_moments_never_leaves_an_unreadable_cache(tmp_path):
         proc.wait()
         for h5 in (tmp_path / "c").glob("*.h5"):
             seen.append(len(cache.read(h5).paths))  # the previous or a newer valid state
-    assert subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True).returncode == 0
+    assert call_cli("featurize", *args, cwd=tmp_path).returncode == 0
     final = cache.read(next((tmp_path / "c").glob("*.h5")))
     assert len(final.paths) == 120 and seen == sorted(seen)
 
@@ -226,19 +236,18 @@ def test_a_failed_write_keeps_the_previous_cache_and_the_progress(tmp_path, imag
     s = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     before = cache.read(s.path)
     write_image(image_folder / "bob" / "new.jpg", seed=78)
-    from featurize.cache import index
-    real_replace = index.fsync_replace
+    real_replace = atomic.replace
 
     def full_disk(tmp, final):
         if Path(final) == s.path:
             raise OSError(28, "No space left on device")
         return real_replace(tmp, final)
-    monkeypatch.setattr(index, "fsync_replace", full_disk)
+    monkeypatch.setattr(atomic, "replace", full_disk)
     with pytest.raises(UserError, match="No space left on device.*previous cache"):
         featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     after = cache.read(s.path)
     assert after.paths == before.paths and not list((tmp_path / "c").glob(".*tmp*"))
-    monkeypatch.setattr(index, "fsync_replace", real_replace)
+    monkeypatch.setattr(atomic, "replace", real_replace)
     again = featurize(image_folder, cache_dir=tmp_path / "c", **TINY)
     assert again.embedded == 0 and len(cache.read(s.path).paths) == 13  # from the journal
 
@@ -286,7 +295,7 @@ class _ToyExtractor:
     dim = 4
 
     def prepare(self, path):
-        from featurize.images import load_for_model
+        from featurize.data.images import load_for_model
         return load_for_model(path, 8)
 
     def embed(self, batch):
@@ -302,8 +311,8 @@ actions = st.lists(st.tuples(st.sampled_from(["add", "change", "delete", "run", 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=actions)
 def test_property_final_cache_equals_a_fresh_featurize(steps, tmp_path_factory, monkeypatch):
-    import featurize.run as run_module
-    monkeypatch.setattr(run_module, "build_extractor", lambda s, w: _ToyExtractor())
+    import featurize.jobs.run as run_module
+    monkeypatch.setattr(run_module, "build_extractor", lambda s, w, *args: _ToyExtractor())
     real = run_module.batches
     root = tmp_path_factory.mktemp("prop")
     folder = root / "data"

@@ -9,23 +9,21 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import blobs, synthetic_cache, write_image
+from conftest import blobs, call_cli, run_cli, synthetic_cache, write_image
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 CLASSES = ("alice", "bob", "carol", "dave")
 
 
-def _cli(module, args, cwd):
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=ENV, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+def _cli(module, args, cwd, fresh=True):
+    """A command line in a fresh process (or called in this one)."""
+    proc = (run_cli(module, *args, cwd=cwd, timeout=300) if fresh
+            else call_cli(module, *args, cwd=cwd))
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
@@ -41,7 +39,8 @@ def _title(page: Path) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Real small images, a noisy cache of them (so some test images are misclassified), a
-    pairs file, and the pages made by the command lines, each run from an empty folder."""
+    pairs file, and the pages made by the command lines, each run from an empty folder
+    (training, `runs --html` and `map` in fresh processes, verify in this one)."""
     base = tmp_path_factory.mktemp("reports")
     faces = base / "faces"
     X, y, _ = blobs(len(CLASSES), 10, 16, spread=1.3, seed=3)
@@ -64,7 +63,8 @@ def world(tmp_path_factory):
     procs = {
         "train": _cli("classify", ["--cache", cache, "--out", runs / "logreg"], cwd),
         # no --out: a new run folder under runs/, as training's default
-        "verify": _cli("classify", ["verify", "--pairs", pairs, "--cache", cache], verify_cwd),
+        "verify": _cli("classify", ["verify", "--pairs", pairs, "--cache", cache], verify_cwd,
+                       fresh=False),
         "runs": _cli("classify", ["runs", "--runs-dir", runs, "--html", base / "runs.html"], cwd),
         "map": _cli("featurize", ["map", cache, "--method", "pca", "--sample", "30",
                                   "--out", base / "map"], cwd),
@@ -101,8 +101,8 @@ def test_a_runs_report_shows_its_figures_and_misclassified_images_inlined(world)
 
 
 def test_the_gallery_puts_the_worst_error_first_and_skips_images_it_cannot_show(tmp_path):
-    from classify.html import gallery
-    from classify.report import worst_errors
+    from classify._html import gallery
+    from classify._report import worst_errors
     scores = np.array([[0.9, 0.1], [0.4, 0.6], [0.1, 0.9], [0.45, 0.55]])
     y_true, y_pred = np.array([0, 0, 0, 1]), np.array([0, 1, 1, 1])
     assert [row for row, _ in worst_errors(y_true, y_pred, scores)] == [2, 1]  # margin 0.8, 0.2
@@ -126,12 +126,12 @@ def test_many_classes_get_the_most_confused_pairs_and_readable_f1_bars(tmp_path)
     assert json.loads((run.path / "run.json").read_text())["confusion_png"] is False
     with Image.open(run.path / "f1.png") as im:  # one column: 20 px per class
         assert im.height >= 40 * 0.2 * 100 and im.width < 700
-    from classify.report import f1_png
+    from classify._report import f1_png
     y62 = np.repeat(np.arange(62), 2)
     f1_png(y62, y62[::-1], [f"c{k}" for k in range(62)], tmp_path / "f62.png")
     with Image.open(tmp_path / "f62.png") as im:  # two columns of 31: still 20 px per class
         assert 31 * 0.2 * 100 <= im.height < 40 * 0.2 * 100 and im.width > 1200
-    from classify.report import confused_pairs
+    from classify._report import confused_pairs
     y_pred = run.pipeline.predict(X)
     f1_png(y, y_pred, classes, tmp_path / "worst10.png", most=10)  # thousands of classes
     with Image.open(tmp_path / "worst10.png") as im:
@@ -143,7 +143,7 @@ def test_many_classes_get_the_most_confused_pairs_and_readable_f1_bars(tmp_path)
 
 def test_a_failing_report_never_fails_the_run(tmp_path, monkeypatch):
     import classify
-    from classify import html
+    from classify import _html as html
     X, y, classes = blobs(3, 8, 8)
     cache = synthetic_cache(tmp_path / "c.h5", X, y, classes)
 
@@ -157,7 +157,8 @@ def test_a_failing_report_never_fails_the_run(tmp_path, monkeypatch):
 
 
 def test_the_fine_tune_report_shows_before_and_after_side_by_side(tmp_path, world):
-    from classify import html, runs
+    from classify import _html as html, _runs as runs
+    from classify._finetune import TestScores
     record = json.loads((world["runs"] / "logreg" / "run.json").read_text())
     split = json.loads((world["runs"] / "logreg" / "split.json").read_text())
     test_paths = split["folds"][0]["test"]
@@ -168,7 +169,7 @@ def test_the_fine_tune_report_shows_before_and_after_side_by_side(tmp_path, worl
     record.update(head="finetune", metrics_before={"accuracy": 0.25, "macro_f1": 0.2},
                   metrics={"accuracy": 1.0, "macro_f1": 1.0})
     writer = runs.RunWriter(tmp_path / "ft")
-    html.write_finetune_report(writer, record, split, (y, after, before))
+    html.write_finetune_report(writer, record, split, TestScores(y, after, before))
     writer.commit()
     page = tmp_path / "ft" / "report.html"
     text = page.read_text()
@@ -239,7 +240,7 @@ def test_runs_html_compares_every_run_with_links_to_their_reports(world):
 def test_runs_html_links_a_run_folder_with_any_name(world, tmp_path):
     from urllib.parse import unquote
 
-    from classify.html import runs_page
+    from classify._html import runs_page
     odd = tmp_path / "runs" / "run ü #1?"
     shutil.copytree(world["runs"] / "logreg", odd)
     runs_page(tmp_path / "runs", tmp_path / "page.html")
@@ -278,7 +279,7 @@ def test_map_draws_a_sample_with_hover_thumbnails(world):
 def test_map_default_output_is_beside_the_cache_and_pca_matches_sklearn(world, tmp_path):
     from sklearn.decomposition import PCA
 
-    from featurize.map import MapOptions, make_map, project
+    from featurize.jobs.map import MapOptions, make_map, project
     cache = shutil.copy(world["cache"], tmp_path / "c.h5")
     shutil.copytree(str(world["cache"]) + ".shards", tmp_path / "c.h5.shards")
     facts = make_map(cache, options=MapOptions("pca", thumbnails=0), log=lambda *_: None)
@@ -299,14 +300,13 @@ def test_map_mistakes_are_one_line(world, tmp_path, capsys):
 
 
 def test_tsne_map_of_fewer_rows_than_its_pca_step(world, tmp_path):
-    from featurize.map import project
+    from featurize.jobs.map import project
     assert project(world["X"][:30], "tsne").shape == (30, 2)  # PCA to min(50, rows) first
 
 
 def test_a_page_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     from featurize.errors import UserError
-
-    from classify.html import write_text_atomic
+    from featurize.reporting import write_text_atomic
 
     def refuse(*_, **__):
         raise OSError(30, "Read-only file system")

@@ -3,14 +3,13 @@ exported once and reused."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_folder, write_image
+from conftest import call_cli, cli_env, make_folder, run_python, write_image
 from featurize import runtimes
 from featurize.errors import UserError
 
@@ -18,7 +17,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
 pytest.importorskip("openvino")
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="vggface-vgg16", weights="none", input_size=32)
 FAITHFUL = 1e-5  # max abs difference / max abs reference value
 # Every family we ship that a runtime runs (dlib is not a Keras model), at a small size.
@@ -55,7 +53,7 @@ def random_bn_weights(name: str, size: int, path: Path) -> Path:
     the defaults, mean 0 and variance 1, BatchNorm is nearly the identity)."""
     import keras
 
-    from featurize.backbones import get_backbone
+    from featurize.models.registry import get_backbone
     spec = get_backbone(name)
     model = spec.family.build(spec, include_top=False, input_size=size, imagenet=False)
     rng = np.random.default_rng(7)
@@ -70,7 +68,8 @@ def random_bn_weights(name: str, size: int, path: Path) -> Path:
 
 @pytest.mark.parametrize("name,size", EQUIVALENCE)
 def test_fp32_runtimes_equal_keras(name, size, home, tmp_path):
-    from featurize.extractor import build_extractor, make_settings
+    from featurize.models.config import make_settings
+    from featurize.runtimes import build_extractor
     weights = random_bn_weights(name, size, tmp_path / f"{name}.weights.h5")
     settings, w = make_settings(name, str(weights), input_size=size)
     images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
@@ -83,7 +82,7 @@ def test_fp32_runtimes_equal_keras(name, size, home, tmp_path):
 
 
 def test_export_is_made_once_and_rebuilt_when_settings_change(home):
-    from featurize.extractor import make_settings
+    from featurize.models.config import make_settings
     from featurize.runtimes.exports import exported_model
     settings, w = make_settings(**TINY)
     first = exported_model(settings, w, "openvino")
@@ -101,7 +100,7 @@ def test_export_is_made_once_and_rebuilt_when_settings_change(home):
 
 
 def test_default_runtime_is_the_fastest_faithful_one_installed(monkeypatch):
-    from featurize.extractor import make_settings
+    from featurize.models.config import make_settings
     monkeypatch.delenv("FEATURIZE_RUNTIME")  # the suite's default (conftest): keras
     settings, _ = make_settings(**TINY)
     monkeypatch.setattr(runtimes, "_on_accelerator", lambda: False)
@@ -123,7 +122,7 @@ def test_default_runtime_is_the_fastest_faithful_one_installed(monkeypatch):
 
 
 def test_missing_runtime_names_the_extra(monkeypatch):
-    from featurize.extractor import make_settings
+    from featurize.models.config import make_settings
     settings, _ = make_settings(**TINY)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # find_spec says: not installed
     with pytest.raises(UserError, match=r"pip install 'featurize-embeddings\[onnx\]'"):
@@ -141,13 +140,16 @@ def test_embedder_runtime_gives_keras_embeddings(home):
     assert relative_difference(on_openvino(images), on_keras) <= FAITHFUL
 
 
-def _featurize(args, cwd, home, code=""):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(home),
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
+def _featurize(args, cwd, home, code=None):
+    """The command line with KERAS_HOME `home`: called in this process, or with `code` (checks
+    of the process after the run) in a fresh one."""
+    if code is None:
+        assert os.environ["KERAS_HOME"] == str(home)  # the `home` fixture's
+        return call_cli("featurize", *args, cwd=cwd)
     script = ("import sys\nfrom featurize.cli import main\ncode = main(sys.argv[1:])\n" + code
               + "sys.exit(code)\n")
-    return subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_python(script, *args, cwd=cwd, env=cli_env(KERAS_HOME=home,
+                                                           TF_CPP_MIN_LOG_LEVEL="3"))
 
 
 def test_cli_runtime_onnx_equals_keras_and_shares_its_cache(tmp_path, home):
@@ -178,11 +180,10 @@ def test_cli_runtime_onnx_equals_keras_and_shares_its_cache(tmp_path, home):
 def test_cli_missing_runtime_is_one_line(tmp_path, home):
     folder = make_folder(tmp_path / "faces", per_class=1)
     hide = "import sys\nsys.modules['openvino'] = None\n"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(home)}
     script = hide + "from featurize.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    proc = subprocess.run([sys.executable, "-c", script, str(folder), "--backbone",
-                           "vggface-vgg16", "--weights", "none", "--runtime", "openvino"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python(script, folder, "--backbone", "vggface-vgg16", "--weights", "none",
+                      "--runtime", "openvino", cwd=tmp_path, env=cli_env(KERAS_HOME=home),
+                      timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --runtime openvino needs openvino: pip install 'featurize-embeddings[openvino]' "
@@ -229,11 +230,11 @@ def test_embedder_int8_needs_a_dataset():
 def test_finetune_refeaturize_goes_through_the_runtime_choice(tmp_path, home, monkeypatch):
     """`classify finetune --refeaturize` embeds with the fine-tuned base on the runtime
     featurize would choose (here a machine default of OpenVINO)."""
-    from classify.finetune import _refeaturize
+    from classify._finetune import _refeaturize
     from featurize import open_cache
-    from featurize.backbones import get_backbone
-    from featurize.extractor import make_settings
-    from featurize.families import FINETUNED_BASE_WEIGHTS
+    from featurize.models.config import make_settings
+    from featurize.models.registry import get_backbone
+    from featurize.models.specs import FINETUNED_BASE_WEIGHTS
     folder = make_folder(tmp_path / "faces", per_class=2)
     settings, _ = make_settings(**TINY)
     spec = get_backbone(settings.backbone)
@@ -249,7 +250,7 @@ def test_finetune_refeaturize_goes_through_the_runtime_choice(tmp_path, home, mo
 
 
 def test_default_runtime_falls_back_when_it_cannot_export(monkeypatch):
-    from featurize.extractor import make_settings
+    from featurize.models.config import make_settings
     settings, w = make_settings(**TINY)
     monkeypatch.delenv("FEATURIZE_RUNTIME")
     monkeypatch.setattr(runtimes, "_on_accelerator", lambda: False)

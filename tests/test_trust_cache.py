@@ -2,31 +2,23 @@
 lists, shards it retired, the sources of its virtual datasets) is checked before any file is
 opened or removed, so a crafted index never reaches a file outside its shards folder."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import blobs, make_folder, one_line_error, synthetic_cache, write_image
+from conftest import blobs, call_cli, make_folder, one_line_error, synthetic_cache, write_image
 from featurize import cache
 from featurize.cache.schema import shard_file
 from featurize.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "vggface-vgg16", "--weights", "none", "--input-size", "32", "--quiet"]
 
 
-def run_cli(*args, cwd):
-    """`python -m featurize ...` in a fresh process: (exit code, stdout, stderr)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "featurize", *map(str, args)], env=env,
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
-    return proc.returncode, proc.stdout, proc.stderr
+def featurize_cli(*args, cwd):
+    """`featurize ...` called in this process: (exit code, stdout, stderr)."""
+    return call_cli("featurize", *args, cwd=cwd)
 
 
 def victims(tmp_path) -> list[Path]:
@@ -64,7 +56,7 @@ def crafted(tmp_path, where: str) -> Path:
 def test_compact_of_a_crafted_index_removes_nothing_outside(tmp_path, where):
     path = crafted(tmp_path, where)
     for _ in range(2):  # the old code deleted the retired names, and retired listed ones
-        code, _, err = run_cli("compact", path, cwd=tmp_path)
+        code, _, err = featurize_cli("compact", path, cwd=tmp_path)
         line = one_line_error(code, err, "damaged", str(path), "run featurize again")
     assert "nothing was read or removed" in line
     assert all(v.read_text() == "precious" for v in victims_present(tmp_path))
@@ -79,12 +71,12 @@ def victims_present(tmp_path) -> list[Path]:
 def test_a_featurize_run_on_a_crafted_index_removes_nothing_outside(tmp_path):
     folder = make_folder(tmp_path / "faces", per_class=2)
     out = tmp_path / "a" / "b" / "c.h5"
-    code, _, err = run_cli(folder, *TINY, "--out", out, cwd=tmp_path)
+    code, _, err = featurize_cli(folder, *TINY, "--out", out, cwd=tmp_path)
     assert code == 0, err
     victims(tmp_path)
     set_strings(out, "shards/retired", [str(tmp_path / "victim.txt"), "../../victim2.h5"])
     write_image(folder / "dave" / "dave_0000.jpg", seed=9)  # a change: the run commits
-    code, _, err = run_cli(folder, *TINY, "--out", out, cwd=tmp_path)
+    code, _, err = featurize_cli(folder, *TINY, "--out", out, cwd=tmp_path)
     one_line_error(code, err, "damaged", str(out), "victim")
     victims_present(tmp_path)
 
@@ -136,7 +128,7 @@ def test_the_commit_after_migrating_a_schema1_cache_keeps_the_index(tmp_path):
     """The migrated schema-1 file was listed as retired by the migrating commit, and the next
     commit deleted it: the index itself."""
     from conftest import as_schema1
-    from featurize.run import featurize
+    from featurize.jobs.run import featurize
     folder = make_folder(tmp_path / "faces", per_class=2)
     tiny = dict(backbone="vggface-vgg16", weights="none", input_size=32, progress=False,
                 out=tmp_path / "c" / "c.h5")

@@ -5,22 +5,18 @@ mode, and a pickled run of an older version loads only on request (--trust-pickl
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
 import skops.io
-from conftest import blobs, one_line_error, synthetic_cache, write_image
 
 import classify
-from classify import heads, runs
+from classify import _heads as heads, _runs as runs
+from conftest import blobs, call_cli, one_line_error, run_python, synthetic_cache, write_image
 from featurize.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 OPEN_SET = "logreg-open-set"
 
 
@@ -45,10 +41,9 @@ class Trojan:
 '''
 
 
-def classify_cli(args, cwd, env=ENV):
-    """`python -m classify ARGS` in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "classify", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+def classify_cli(args, cwd):
+    """`classify ARGS`, called in this process."""
+    return call_cli("classify", *args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +120,12 @@ def test_a_head_skops_with_unexpected_types_is_refused_before_anything_is_built(
     monkeypatch.syspath_prepend(str(tmp_path))
     from trojan import Trojan as ImportableTrojan
     marker = tmp_path / "PWNED"
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV["PYTHONPATH"]])}
     crafted = {"trojan.Trojan": ImportableTrojan(str(marker)),
                "system": os.system}  # a function reference: skops would call it by name
     for name, head_object in crafted.items():
         run = _skops_run(world, tmp_path / name, head_object)
         assert any(name in t for t in skops.io.get_untrusted_types(file=run / "head.skops"))
-        proc = classify_cli(["predict", world["image"], "--run", run], tmp_path, env)
+        proc = classify_cli(["predict", world["image"], "--run", run], tmp_path)
         one_line_error(proc.returncode, proc.stderr, "head.skops", "types a run never has",
                        name)
         with pytest.raises(UserError, match="types a run never has"):
@@ -166,8 +160,7 @@ def test_every_head_saves_no_pickle_and_predicts_identically_in_a_fresh_process(
               "    out[path] = [run.predict(X), run.predict_proba(X).tolist()]\n"
               "print(json.dumps(out))\n")
     paths = [str(run.path) for run in world["runs"].values()]
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "X.npy"), *paths],
-                          env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_python(script, tmp_path / "X.npy", *paths, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout.splitlines()[-1])
     for run in world["runs"].values():

@@ -8,18 +8,15 @@ file (telemetry then defaults to on) and without CI variables (telemetry is off 
 whose HTTPS proxy is a closed local port: the control run's telemetry reaches nobody."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import make_folder
+from conftest import cli_env, make_folder, run_python
 
 pytest.importorskip("openvino")
 pytest.importorskip("openvino_telemetry")
 
-REPO = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused
 
 # Counts the forks of the process (Python's own os.fork, which multiprocessing uses); the
@@ -68,17 +65,15 @@ print(len(forks), errors, "CI" in os.environ)
 def _env(tmp_path: Path) -> dict:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CI", "TF_BUILD", "JENKINS_URL") and not k.lower().endswith("_proxy")}
-    return {**env, "HOME": str(home), "https_proxy": CLOSED, "HTTPS_PROXY": CLOSED,
-            "PYTHONPATH": str(REPO), "KERAS_HOME": str(tmp_path / "keras_home"),
-            "FEATURIZE_RUNTIME": "openvino", "TF_CPP_MIN_LOG_LEVEL": "3",
-            "PYTHONWARNINGS": "ignore"}
+    drop = ["CI", "TF_BUILD", "JENKINS_URL", *(k for k in os.environ
+                                                if k.lower().endswith("_proxy"))]
+    return cli_env(drop=drop, HOME=home, https_proxy=CLOSED, HTTPS_PROXY=CLOSED,
+                   KERAS_HOME=tmp_path / "keras_home", FEATURIZE_RUNTIME="openvino",
+                   TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
 
 
 def _python(script: str, tmp_path: Path, *args, timeout=300) -> list[str]:
-    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tmp_path,
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    proc = run_python(script, *args, cwd=tmp_path, env=_env(tmp_path), timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()
 

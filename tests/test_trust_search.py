@@ -13,13 +13,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from test_search import brute_force, cli, tiny_embedder  # noqa: F401 (a fixture)
-
-from conftest import blobs, make_folder, synthetic_cache
 
 import classify
+from conftest import blobs, make_folder, synthetic_cache
+from featurize import atomic
+from test_search import brute_force, search_cli, tiny_embedder  # noqa: F401 (a fixture)
 
-search = importlib.import_module("classify.search")  # the module (classify.search: the API's)
+search = importlib.import_module("classify._search")  # the module (classify.search: the API's)
 
 
 def planted_index(X, like_row=0):
@@ -52,9 +52,10 @@ def built(path):
     return g.index_path, g.index_path.with_suffix(".json")
 
 
-def test_cli_replaces_a_planted_index_and_answers_as_exact_search(tmp_path, tiny_embedder):
-    """A fresh process; the planted file (right width and row count, wrong content) has
-    our name but no record: a one-line warning, the index built again, exact's answer."""
+def test_cli_replaces_a_planted_index_and_answers_as_exact_search(tmp_path, tiny_embedder):  # noqa: F811
+    """The planted file (right width and row count, wrong content) has our name but no
+    record: a one-line warning, the index built again, exact's answer (test_search runs the
+    command in a fresh process)."""
     import featurize
     faces = make_folder(tmp_path / "faces")
     cache = featurize.embed_folder(faces, tiny_embedder, tmp_path / "c.h5", progress=False,
@@ -66,8 +67,8 @@ def test_cli_replaces_a_planted_index_and_answers_as_exact_search(tmp_path, tiny
     faiss.write_index(planted_index(cache.X), str(planted))
     before = planted.read_bytes()
     query = faces / "bob" / "bob_0002.jpg"
-    code, out, err = cli([query, "--cache", "c.h5", "-k", "3", "--exact-max-rows", "0",
-                          "--json"], tmp_path)
+    code, out, err = search_cli([query, "--cache", "c.h5", "-k", "3", "--exact-max-rows", "0",
+                                 "--json"], tmp_path)
     assert code == 0, err
     warned = [line for line in err.splitlines() if "not using the search index" in line]
     assert len(warned) == 1 and f"c.h5.search/{planted.name}" in warned[0]
@@ -163,7 +164,7 @@ def test_a_read_only_folder_with_a_planted_index_is_searched_in_memory(gallery, 
 
     def read_only(tmp, final):  # what a read-only folder does to the rename
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(search.cache_io, "fsync_replace", read_only)
+    monkeypatch.setattr(atomic, "replace", read_only)
     notes = []
     g = classify.Gallery(path, k=5, method="approximate", log=notes.append)
     rows, _ = g.nearest(X[:4])

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from conftest import synthetic_cache
+from classify._verify import best_threshold, evaluate, parse_pairs
 from classify.cli import main
-from classify.verify import best_threshold, evaluate, parse_pairs
+from conftest import synthetic_cache
 from featurize.errors import UserError
 
 

@@ -10,16 +10,13 @@ import difflib
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import same, write_image
 
+from conftest import cli_command, cli_env, run_python, same, write_image
 from featurize.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 # A user's script, written for keras-vggface as its README shows (feature extraction,
 # then prediction with the identity names). The test changes its import lines, nothing else.
@@ -67,8 +64,8 @@ def _vggface_dir() -> Path:
 
 def _random_weights_file(model, path: Path) -> Path:
     """`model`'s weights with non-trivial BatchNorm statistics, in the release's .h5 layout."""
+    from featurize.models.weights import write_keras2_h5
     from featurize.vggface import vggface_h5_name
-    from featurize.weights import write_keras2_h5
     rng = np.random.default_rng(3)
     for layer in model.layers:
         if any("moving" in w.name for w in layer.weights):
@@ -84,11 +81,6 @@ def _labels_file(path: Path, classes: int) -> np.ndarray:
     labels = np.array([f" Person_{i:04d}" for i in range(classes)])
     np.save(path, labels)
     return labels
-
-
-def _env() -> dict:
-    return {**os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_a_keras_vggface_readme_script_runs_unchanged_and_equals_the_cache(tmp_path):
@@ -115,11 +107,10 @@ def test_a_keras_vggface_readme_script_runs_unchanged_and_equals_the_cache(tmp_p
 
     # The two fresh processes run side by side: most of their time is single-threaded start-up.
     featurize_cli = subprocess.Popen(
-        [sys.executable, "-m", "featurize", "faces", "--backbone", "vggface-resnet50",
-         "--weights", str(notop), "--cache-dir", "cache"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = subprocess.run([sys.executable, "script.py", *map(str, images)], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+        cli_command("featurize", "faces", "--backbone", "vggface-resnet50", "--weights", notop,
+                    "--cache-dir", "cache"),
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = run_python(tmp_path / "script.py", *images, cwd=tmp_path, timeout=300)
     _, featurize_err = featurize_cli.communicate(timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert featurize_cli.returncode == 0, featurize_err[-3000:]
@@ -142,10 +133,10 @@ def test_published_weights_are_downloaded_once_to_keras_home_and_loaded(http_ser
                                                                          monkeypatch):
     import keras
 
-    from featurize import backbones
-    from featurize.backbones import WeightFile
+    from featurize.models import registry as backbones
+    from featurize.models.specs import WeightFile
+    from featurize.models.weights import load_keras2_h5
     from featurize.vggface import VGGFace
-    from featurize.weights import load_keras2_h5
 
     served, base, stop = http_server
     name = "rcmalli_vggface_tf_notop_vgg16.h5"
@@ -210,7 +201,7 @@ def test_decode_predictions_reads_the_release_labels_once_as_the_original(http_s
 
 @pytest.mark.parametrize("version, scheme", [(1, "vggface1"), (2, "vggface2")])
 def test_preprocess_input_is_the_original_and_what_the_models_do_inside(version, scheme):
-    from featurize.preprocessing import ImagePreprocessing
+    from featurize.models.preprocessing import ImagePreprocessing
     from featurize.vggface import preprocess_input, utils
 
     rng = np.random.default_rng(version)
@@ -272,7 +263,7 @@ def test_architectures_and_outputs_are_the_builders_with_the_originals_options()
                               input_shape=(64, 64, 3), pooling="avg")
         ours = builder(include_top=False, input_shape=(64, 64, 3), pooling="avg")
         assert net.name == ours.name == f"vggface_{model}"
-        assert [layer.name for layer in net.layers[1:]] == [l.name for l in ours.layers[1:]]
+        assert [layer.name for layer in net.layers[1:]] == [layer.name for layer in ours.layers[1:]]
         assert [w.shape for w in net.weights] == [w.shape for w in ours.weights]
         assert net.output_shape == (None, 512 if model == "vgg16" else 2048)
     # No input_shape and no top: any image size, as the original's (None, None, 3).
@@ -325,8 +316,7 @@ def test_get_layer_takes_keras_vggface_names_with_a_slash(tmp_path):
     (tmp_path / "load.py").write_text(
         "import keras\nfrom featurize.vggface import VGGFace\n"
         "print(keras.saving.load_model('vgg.keras').get_layer('fc7/relu').name)\n")
-    done = subprocess.run([sys.executable, "load.py"], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = run_python(tmp_path / "load.py", cwd=tmp_path, timeout=300)
     assert done.returncode == 0 and done.stdout.split() == ["fc7_relu"], done.stderr[-3000:]
 
 
@@ -334,8 +324,8 @@ def test_weight_errors_name_python_arguments_not_command_line_options(http_serve
                                                                       monkeypatch):
     """VGGFace's caller passes Python arguments: a missing or unusable weight file says
     where the file goes and `VGGFace(..., weights=None)`, never `--weights`."""
-    from featurize import backbones
-    from featurize.backbones import WeightFile
+    from featurize.models import registry as backbones
+    from featurize.models.specs import WeightFile
     from featurize.vggface import VGGFace
 
     _, base, stop = http_server

@@ -11,7 +11,7 @@ small index; the rows live in shard files in the folder beside it, `CACHE.h5.sha
     classes         (C,)   UTF-8        relabelling never touches a shard)
     failed/paths, failed/reasons, failed/sizes, failed/mtimes   images that could not be used
     info/<name>     (N,)   int8         row-info columns the extractor declares, virtual too:
-                                        info/face, how the face was found (featurize.align:
+                                        info/face, how the face was found (featurize.models.align:
                                         0 HOG, 1 HOG upsampled, 2 CNN, 3 fixed box; -1 not
                                         recorded). Absent in caches made before them.
     shards/names    (S,)   UTF-8        shard files, relative to the index's folder
@@ -38,14 +38,27 @@ ends). Modules: schema (naming, reading), shards (shard files), index (State, co
 compact), lock.
 """
 
-from .index import SMALL_BYTES, State, commit, compact, labels_digest
-from .lock import lock
-from .schema import (CHECKS, DEFAULT_DIR, REQUIRED, SCHEMA_VERSION, SETTINGS_ATTRS, Cache,
-                     damage_message, default_path, file_digest, is_sharded, newest, path_for,
-                     read, read_attrs)
-from .shards import Journal, ShardRows, fsync_replace, shards_dir, write_shard
+from featurize.cache.index import SMALL_BYTES, State, commit, compact, labels_digest
+from featurize.cache.lock import lock
+from featurize.cache.schema import (
+                                    CHECKS,
+                                    DEFAULT_DIR,
+                                    REQUIRED,
+                                    SCHEMA_VERSION,
+                                    SETTINGS_ATTRS,
+                                    Cache,
+                                    damage_message,
+                                    default_path,
+                                    file_digest,
+                                    is_sharded,
+                                    newest,
+                                    path_for,
+                                    read,
+                                    read_attrs,
+)
+from featurize.cache.shards import Journal, ShardRows, shards_dir, write_shard
 
 __all__ = ["CHECKS", "DEFAULT_DIR", "REQUIRED", "SCHEMA_VERSION", "SETTINGS_ATTRS", "SMALL_BYTES",
            "Cache", "Journal", "ShardRows", "State", "commit", "compact", "damage_message",
-           "default_path", "file_digest", "fsync_replace", "is_sharded", "labels_digest", "lock",
+           "default_path", "file_digest", "is_sharded", "labels_digest", "lock",
            "newest", "path_for", "read", "read_attrs", "shards_dir", "write_shard"]

@@ -13,20 +13,43 @@ import itertools
 import json
 import os
 import shutil
-from operator import attrgetter
 import time
 from dataclasses import fields, replace
+from operator import attrgetter
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..errors import UserError
-from .schema import (_CARRIED, _SHARD_FILE, _STR, SCHEMA_VERSION, SETTINGS_ATTRS, CHECKS,
-                     _check_file_target, _open, _strings, file_digest, is_sharded, read_attrs,
-                     shard_file, shard_table)
-from .shards import (Source, _read_failed, embeddings_dataset, fsync_replace, new_name, numbers,
-                     read_source, shards_dir, write_failed, write_merged)
+from featurize import atomic
+from featurize.cache.schema import (
+    _CARRIED,
+    _SHARD_FILE,
+    _STR,
+    CHECKS,
+    SCHEMA_VERSION,
+    SETTINGS_ATTRS,
+    _check_file_target,
+    _open,
+    _strings,
+    file_digest,
+    is_sharded,
+    read_attrs,
+    shard_file,
+    shard_table,
+)
+from featurize.cache.shards import (
+    Source,
+    _read_failed,
+    embeddings_dataset,
+    new_name,
+    numbers,
+    read_source,
+    shards_dir,
+    write_failed,
+    write_merged,
+)
+from featurize.errors import UserError
 
 SMALL_BYTES = 16 << 20  # shards with fewer live bytes are merged once two of them exist
 MASKED = 0.5  # `compact` rewrites a shard once more than this fraction of it is masked
@@ -80,7 +103,8 @@ class State:
         live: dict[int, list[tuple[int, int]]] = {}
         for s, start, stop in runs.tolist():
             live.setdefault(s, []).append((start, stop))
-        scan = self.check == "content" or int((runs[:, 2] - runs[:, 1]).sum()) * dim * 4 <= SCAN_BYTES
+        live_bytes = int((runs[:, 2] - runs[:, 1]).sum()) * dim * 4
+        scan = self.check == "content" or live_bytes <= SCAN_BYTES
         for s, spans in live.items():
             file = shard_file(self.path, names[s])
             try:
@@ -320,7 +344,7 @@ def _migrate(path: Path, keep):
             with h5py.File(tmp, "r+") as f:
                 n = f["paths"].shape[0]
                 f.create_dataset("digests", data=[""] * n, dtype=_STR)
-        fsync_replace(tmp, target)
+        atomic.replace(tmp, target)
     name = f"{folder.name}/{target.name}"
     return [(replace(src, path=target, name=name) if src.path == path else src, pos, labels)
             for src, pos, labels in keep]
@@ -377,7 +401,7 @@ def write_index(path: Path, state: State, keep: list[Entry], labelling, attrs: d
             f.create_dataset("classes", data=list(classes), dtype=_STR)
             write_failed(f, failed)
             f.attrs.update({**attrs, "embedding_dim": dim})
-        fsync_replace(tmp, path)
+        atomic.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write cache {path} ({e.strerror or e}); free some space or "
@@ -475,8 +499,8 @@ def dataset_attrs(settings, dataset) -> dict:
 def compact(path, everything: bool = False) -> dict:
     """Merge the small and the mostly masked shards of a cache (all of them with
     `everything`) into one, with the same atomic swap as a commit. Takes the cache's lock."""
-    from ..extractor import EmbeddingSettings
-    from .lock import lock
+    from featurize.cache.lock import lock
+    from featurize.settings import EmbeddingSettings
     path = Path(path)
     attrs = read_attrs(path, "CACHE")
     settings = EmbeddingSettings.from_json(attrs["settings"])

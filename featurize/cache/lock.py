@@ -9,9 +9,9 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UserError
-from .schema import _check_file_target
-from .shards import shards_dir
+from featurize.cache.schema import _check_file_target
+from featurize.cache.shards import shards_dir
+from featurize.errors import UserError
 
 
 @contextmanager

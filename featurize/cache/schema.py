@@ -16,7 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import UserError
+from featurize.errors import UserError
+from featurize.models.registry import spec_of
 
 SCHEMA_VERSION = 2  # what this version writes; it also reads 1
 READABLE = (1, 2)
@@ -39,7 +40,7 @@ def default_path(dataset_name: str, settings, cache_dir=DEFAULT_DIR, root=None) 
     setting, the hash of the dataset's root keeps /A/photos and /B/photos apart. Without
     `root`: the name earlier versions used."""
     name = dataset_name if root is None else f"{dataset_name}-{_root_hash(root)}"
-    parts = [name, settings.spec.short_name]
+    parts = [name, spec_of(settings).short_name]
     if settings.layer:
         parts.append(settings.layer)
     parts += [settings.pooling, settings.key()]
@@ -106,7 +107,7 @@ class Cache:
     mtimes: np.ndarray | None = None
     summary: object = None  # the featurize run's Summary, when featurize.embed_folder made it
     # Row-info columns (name -> (N,) int8), {} for caches made before they existed: "face",
-    # how each row's face was found (featurize.align.FACE_CODES: 0 HOG, 1 HOG upsampled,
+    # how each row's face was found (featurize.models.align.FACE_CODES: 0 HOG, 1 HOG upsampled,
     # 2 CNN, 3 none found: the fixed central box; -1 not recorded).
     row_info: dict = field(default_factory=dict)
 
@@ -139,7 +140,7 @@ class Cache:
 
     @property
     def settings(self):
-        from ..extractor import EmbeddingSettings
+        from featurize.settings import EmbeddingSettings
         return EmbeddingSettings.from_json(self.attrs["settings"])
 
     @property
@@ -439,7 +440,7 @@ def read(path, option: str = "--cache", strict: bool = True) -> Cache:
         except OSError as e:
             raise damaged(path, e) from None
     emb, labels = rows.embeddings, np.asarray(labels, dtype=np.int64)
-    damaged = sorted(set(rows.damaged) | set(bad_labels))
+    bad_rows = sorted(set(rows.damaged) | set(bad_labels))
     labels[bad_labels] = -1
     n, paths = len(emb), rows.paths
     if emb.ndim != 2 or len(paths) != n or len(labels) != n or len(rows.sizes) != n:
@@ -448,13 +449,13 @@ def read(path, option: str = "--cache", strict: bool = True) -> Cache:
     if n and (labels.max() >= len(classes) or labels.min() < -1):
         raise UserError(f"cache {path} has labels outside its {len(classes)} classes; move it "
                         "aside and run featurize again.")
-    if strict and damaged:
-        raise UserError(damage_message(path, len(damaged), paths[damaged[0]],
+    if strict and bad_rows:
+        raise UserError(damage_message(path, len(bad_rows), paths[bad_rows[0]],
                                        attrs.get("dataset_root", "its dataset")))
     if strict and n and (bad := _nonfinite_rows(emb)):
         raise UserError(f"cache {path} has {bad} rows with NaN or Inf; check it with "
                         f"python -m featurize verify {path}, then re-run featurize.")
-    return Cache(Path(path), emb, paths, labels, classes, attrs, failed, damaged, rows.sizes,
+    return Cache(Path(path), emb, paths, labels, classes, attrs, failed, bad_rows, rows.sizes,
                  rows.mtimes, row_info=rows.info)
 
 

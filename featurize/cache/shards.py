@@ -19,9 +19,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import UserError
-from .schema import (_CHUNK_BYTES, _MERGE_BLOCK, _STR, _read_checked, _strings, damaged_rows,
-                     read_range)
+from featurize import atomic
+from featurize.cache.schema import (
+    _CHUNK_BYTES,
+    _MERGE_BLOCK,
+    _STR,
+    _read_checked,
+    _strings,
+    damaged_rows,
+    read_range,
+)
+from featurize.errors import UserError
 
 _names = itertools.count()
 
@@ -41,7 +49,7 @@ class ShardRows:
     embeddings: np.ndarray | None = None  # (n, D) float32
     failed: list[tuple[str, str, tuple[int, int]]] = field(default_factory=list)  # key, why, fp
     # Row-info columns the extractor declares (name -> one int8 code per row), e.g. "face":
-    # how the face was found (featurize.align.FACE_CODES). Written as `info/<name>`.
+    # how the face was found (featurize.models.align.FACE_CODES). Written as `info/<name>`.
     info: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -66,18 +74,6 @@ def write_failed(f, failed: list[tuple[str, str, tuple[int, int]]]):
     g.create_dataset("reasons", data=[r for _, r, _ in failed], dtype=_STR)
     numbers(g, "sizes", [fp[0] for _, _, fp in failed], np.int64)
     numbers(g, "mtimes", [fp[1] for _, _, fp in failed], np.int64)
-
-
-def fsync_replace(tmp: Path, final: Path):
-    """Rename a finished file into place, durably: its data, then the folder's entry."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_shard(cache_path, name: str, settings, rows: ShardRows) -> Path:
@@ -126,7 +122,7 @@ def _write_file(cache_path, name: str, settings, fill) -> Path:
             f.attrs["settings_key"] = settings.key()
             f.attrs["seq"] = time.time_ns()
             fill(f)
-        fsync_replace(tmp, final)
+        atomic.replace(tmp, final)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write to {folder} ({e.strerror or e}); free some space or "

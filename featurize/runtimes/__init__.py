@@ -15,7 +15,9 @@ import importlib.util
 import os
 import warnings
 
-from ..errors import UserError
+from featurize.errors import UserError
+from featurize.models.config import family_extractor, weights_for
+from featurize.models.registry import get_backbone, spec_of
 
 RUNTIMES = ("keras", "onnx", "openvino")
 # The default on a CPU, fastest first: measured with benchmarks/runtimes.py (OpenVINO 1.41x
@@ -60,7 +62,7 @@ def exportable(settings) -> bool:
     """Whether the settings describe one Keras model an exported runtime can run: not dlib
     (not a Keras model), not --precision mixed (bfloat16 is Keras's), not --resize device
     (its antialiased resize has no ONNX/OpenVINO operator, and is for accelerators)."""
-    return _exportable(settings.spec, settings.precision, settings.model_input.source is None)
+    return _exportable(spec_of(settings), settings.precision, settings.device_source is None)
 
 
 def _exportable(spec, precision: str, cpu_resize: bool) -> bool:
@@ -70,7 +72,6 @@ def _exportable(spec, precision: str, cpu_resize: bool) -> bool:
 def check_options(config, runtime: str | None) -> None:
     """Reject a runtime the embedding options (an `EmbedderConfig`) cannot run on, before
     anything is listed or written (also when every image is already cached)."""
-    from ..backbones import get_backbone
     runtime = check_runtime(runtime)
     cpu_resize = config.resize == "cpu" and config.source_size is None
     if config.precision == "int8":
@@ -125,7 +126,7 @@ def choose(settings, runtime: str | None = None) -> str:
 
 def _mixed_runtime(settings, runtime: str | None) -> str:
     """--precision mixed runs where `settle` put it: OpenVINO in bfloat16, or Keras."""
-    from .bf16 import BF16_ENGINE
+    from featurize.runtimes.bf16 import BF16_ENGINE
     if settings.precision_engine == BF16_ENGINE:
         if runtime not in (None, "openvino"):
             raise UserError(f"these bfloat16 embeddings are OpenVINO's: use --runtime openvino "
@@ -145,13 +146,13 @@ def settle(settings, runtime: str | None = None):
     bfloat16 with a warning that it is emulated (--runtime openvino: a UserError)."""
     from dataclasses import replace
 
-    from .bf16 import BF16_ENGINE, NO_NATIVE, native_bf16
+    from featurize.runtimes.bf16 import BF16_ENGINE, NO_NATIVE, native_bf16
     if settings.precision != "mixed" or settings.precision_engine:
         return settings
     asked = check_runtime(runtime)
     if requested(asked) not in (None, "openvino"):
         return settings  # Keras's mixed precision (or a UserError from `choose`)
-    if not _exportable(settings.spec, "float32", settings.model_input.source is None):
+    if not _exportable(spec_of(settings), "float32", settings.device_source is None):
         if asked == "openvino":
             raise UserError(_keras_only("openvino", settings.backbone))
         return settings
@@ -176,30 +177,30 @@ def describe_precision(settings) -> str:
 
 
 def _on_accelerator() -> bool:
-    from ..extractor import accelerator, import_keras
+    from featurize.models.keras import accelerator, import_keras
     import_keras()
     return accelerator()
 
 
-def build_extractor(settings, weights, runtime: str | None = None, dataset=None,
-                    cache_path=None):
-    """The extractor for the settings on the chosen runtime (see `choose`). When the default
-    runtime cannot export this model, the next one is used (with a warning); a runtime asked
-    for by name is that runtime or a UserError. --precision int8 is calibrated on a sample
-    of `dataset` (a `featurize.images.Dataset`), or goes on with the model that made the
-    int8 cache at `cache_path`."""
-    from ..extractor import build_extractor as build_keras_extractor
+def build_extractor(settings, weights=None, runtime: str | None = None, dataset=None,
+                    cache_attrs: dict | None = None):
+    """The extractor for `settings` on the chosen runtime (see `choose`): the one way
+    featurize, the API, Ray, predict, search, verify and the estimators get an extractor.
+
+    `weights` are the resolved weights (None: those a cache was made with, found from
+    `cache_attrs`, the attributes of the cache being extended or embedded into). When the
+    default runtime cannot export this model, the next one is used (with a warning); a
+    runtime asked for by name is that runtime or a UserError. --precision int8 goes on with
+    the quantised model of the cache (`cache_attrs`), else is calibrated on a sample of
+    `dataset` (a `featurize.data.images.Dataset`)."""
     chosen = choose(settings, runtime)
-    if settings.precision_engine:
-        from .bf16 import bf16_extractor
-        return bf16_extractor(settings, weights, dataset, cache_path)
     if settings.precision == "int8":
-        if dataset is None:
-            raise UserError("precision int8 is calibrated on a dataset's own images: use "
-                            "featurize.embed_folder(folder, precision='int8') or the command "
-                            "line, not an Embedder.")
-        from .int8 import int8_extractor
-        return int8_extractor(settings, weights, dataset, cache_path)
+        return _int8_extractor(settings, weights, dataset, cache_attrs)
+    if weights is None:
+        weights = weights_for(settings, (cache_attrs or {}).get("weights_path", ""))
+    if settings.precision_engine:
+        from featurize.runtimes.bf16 import bf16_extractor
+        return bf16_extractor(settings, weights, dataset, cache_attrs)
     runtime = requested(runtime)
     candidates = [chosen]
     if runtime is None and chosen != "keras":  # the default: the next one if it cannot export
@@ -212,43 +213,29 @@ def build_extractor(settings, weights, runtime: str | None = None, dataset=None,
                 raise
             warnings.warn(f"the default runtime {candidate} cannot be used: {e} (trying the "
                           "next one)", RuntimeWarning, stacklevel=2)
-    return build_keras_extractor(settings, weights)
+    return family_extractor(settings, weights)
 
 
-def recorded_runtime_extractor(attrs: dict):
-    """The extractor that made a cache, from its attributes (for new images: predict, search,
-    verify): the same precision on the same runtime (int8's quantised model, OpenVINO's
-    bfloat16; an fp32 cache's recorded runtime where installed, else Keras: the same
-    embeddings)."""
-    from ..extractor import EmbeddingSettings, weights_for
-    from ..extractor import build_extractor as build_keras_extractor
-    settings = EmbeddingSettings.from_json(attrs["settings"])
-    if settings.precision == "int8":  # the quantised model it was made with, not Keras
-        from .int8 import recorded_extractor
-        return recorded_extractor(settings, attrs)
-    weights = weights_for(settings, attrs.get("weights_path", ""))
-    if settings.precision_engine:
-        from .bf16 import bf16_extractor, recorded_report
-        extractor = bf16_extractor(settings, weights)
-        extractor.report = recorded_report(attrs, "bf16")
-        return extractor
-    runtime = attrs.get("runtime")
-    if runtime in REQUIRES and installed(runtime) and exportable(settings):
-        try:
-            return _exported_extractor(settings, weights, runtime)
-        except UserError:
-            pass  # an fp32 runtime is faithful: Keras gives the same embeddings
-    return build_keras_extractor(settings, weights)
+def _int8_extractor(settings, weights, dataset, cache_attrs):
+    from featurize.runtimes.int8 import int8_extractor, recorded_extractor
+    if dataset is None and cache_attrs and cache_attrs.get("settings") == settings.to_json():
+        return recorded_extractor(settings, cache_attrs)  # new images of an int8 cache
+    if dataset is None:
+        raise UserError("precision int8 is calibrated on a dataset's own images: use "
+                        "featurize.embed_folder(folder, precision='int8') or the command "
+                        "line, not an Embedder.")
+    if weights is None:
+        weights = weights_for(settings, (cache_attrs or {}).get("weights_path", ""))
+    return int8_extractor(settings, weights, dataset, cache_attrs)
 
 
 def _exported_extractor(settings, weights, runtime: str):
-    from .engines import ENGINES
-    from .exports import exported_model
+    from featurize.runtimes.engines import ENGINES
+    from featurize.runtimes.exports import exported_model
     if runtime == "keras":
-        from ..extractor import build_extractor as build_keras_extractor
-        return build_keras_extractor(settings, weights)
+            return family_extractor(settings, weights)
     return ENGINES[runtime](exported_model(settings, weights, runtime), settings)
 
 
 __all__ = ["RUNTIMES", "build_extractor", "check_runtime", "choose", "describe_precision",
-           "installed", "recorded_runtime_extractor", "require", "settle"]
+           "installed", "require", "settle"]

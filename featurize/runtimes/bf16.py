@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
+from featurize.errors import UserError
+from featurize.runtimes.agreement import recorded_report
 
 BF16_ENGINE = "openvino-bf16"  # settings.precision_engine of an OpenVINO-bfloat16 cache
 NATIVE_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bfloat16 units
@@ -34,7 +35,7 @@ def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
             if line.startswith("flags"):
                 return any(flag in line.split(":", 1)[-1].split() for flag in NATIVE_FLAGS)
     try:
-        from .engines import import_openvino
+        from featurize.runtimes.engines import import_openvino
         caps = import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:  # no OpenVINO, or no CPU plugin: not known to be native
         return False
@@ -47,12 +48,12 @@ def fp32_settings(settings):
     return replace(settings, precision="float32", precision_engine="")
 
 
-def bf16_extractor(settings, weights, dataset=None, cache_path=None):
+def bf16_extractor(settings, weights, dataset=None, cache_attrs: dict | None = None):
     """OpenVINO in bfloat16 on the fp32 export, with `.report` (agreement with fp32 on
     held-out images of `dataset`: computed once per model and sample, kept beside the export;
-    a cache of these settings at `cache_path` already holds it)."""
-    from .engines import OpenVinoBf16Extractor
-    from .exports import exported_model
+    the cache being extended, whose attributes are `cache_attrs`, already holds it)."""
+    from featurize.runtimes.engines import OpenVinoBf16Extractor
+    from featurize.runtimes.exports import exported_model
     reference = fp32_settings(settings)
     exported = exported_model(reference, weights, "openvino")
     extractor = OpenVinoBf16Extractor(exported, settings)
@@ -61,47 +62,28 @@ def bf16_extractor(settings, weights, dataset=None, cache_path=None):
                         f"{extractor.compiled_precision}, not bfloat16, on this CPU: OpenVINO "
                         "bfloat16 embeddings need a CPU with native bfloat16 (amx_bf16 or "
                         "avx512_bf16); use --precision float32 here.")
-    extractor.report = _recorded_report(cache_path, settings)
+    extractor.report = _recorded_report(cache_attrs, settings)
     if not extractor.report and dataset is not None:
         extractor.report = _report(extractor, exported, reference, dataset)
     return extractor
 
 
-def _recorded_report(cache_path, settings) -> dict:
-    from .. import cache
-    if cache_path is None or not Path(cache_path).is_file():
+def _recorded_report(cache_attrs: dict | None, settings) -> dict:
+    if not cache_attrs or cache_attrs.get("settings") != settings.to_json():
         return {}
-    try:
-        attrs = cache.read_attrs(cache_path)
-    except UserError:
-        return {}  # a damaged cache: featurize's own checks say so
-    if attrs.get("settings") != settings.to_json():
-        return {}
-    return recorded_report(attrs, "bf16")
-
-
-def recorded_report(attrs: dict, prefix: str) -> dict:
-    """The agreement report a cache's attributes hold (`<prefix>_<name>` keys)."""
-    return {k[len(prefix) + 1:]: v for k, v in attrs.items() if k.startswith(f"{prefix}_")}
+    return recorded_report(cache_attrs, "bf16")
 
 
 def _report(extractor, exported, reference, dataset) -> dict:
-    from .engines import OpenVinoExtractor
-    from .int8 import _prepared, agreement, cached_report, sample
+    from featurize.runtimes.agreement import agreement, cached_report, prepared, sample
+    from featurize.runtimes.engines import OpenVinoExtractor
     _, held_out_items = sample(dataset.items, calibration=0)
     identity = ["bf16", [(i.path, i.size, i.mtime_ns, i.label) for i in held_out_items]]
 
     def compute():
-        held_out, kept = _prepared(held_out_items, extractor.prepare)
+        held_out, kept = prepared(held_out_items, extractor.prepare)
         return agreement(OpenVinoExtractor(exported, reference), extractor, held_out,
                          [item.label for item in kept])
     return cached_report(exported.path.parent, "bf16", identity, compute)
 
 
-def report_line(attrs: dict) -> str | None:
-    """One line: how the bfloat16 embeddings of a cache compare with fp32's."""
-    if "bf16_mean_cosine" not in attrs:
-        return None
-    from .int8 import agreement_text
-    return (f"bf16 (OpenVINO) vs fp32 on {int(attrs['bf16_held_out_images'])} held-out images: "
-            + agreement_text(recorded_report(attrs, "bf16")))

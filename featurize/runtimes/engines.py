@@ -1,6 +1,6 @@
 """Extractors that run an exported model (ONNX Runtime, OpenVINO) on the CPU.
 
-They take what a Keras extractor takes (uint8 images prepared by `settings.model_input`) and
+They take what a Keras extractor takes (uint8 images prepared by `model_input(settings)`) and
 return the same float32 embeddings; Keras is not imported to run them.
 """
 
@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from importlib import metadata
 
 import numpy as np
+
+from featurize.models.inputs import model_input
 
 # OpenVINO's telemetry (the openvino_telemetry package) sends an event when `openvino` is first
 # imported and several from ov.convert_model, each from a thread pool that forks a process per
@@ -65,7 +67,7 @@ class _ExportedExtractor:
     def __init__(self, exported, settings):
         self.settings = settings
         self.exported = exported
-        self.prepare = settings.model_input  # picklable: runs in worker processes
+        self.prepare = model_input(settings)  # picklable: runs in worker processes
         self.input_shape = self.prepare.shape
         self._load(str(exported.path))
         self.dim = self._dim()

@@ -14,14 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import UserError
+from featurize import atomic
+from featurize.errors import UserError
+from featurize.models.inputs import model_input
+from featurize.models.registry import spec_of
 
 EXPORTS_SUBDIR = "models/featurize-exports"  # under KERAS_HOME, beside the downloaded weights
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "savedmodel": "savedmodel"}
@@ -39,7 +40,7 @@ class Exported:
 
 
 def exports_dir() -> Path:
-    from ..weights import keras_home
+    from featurize.models.weights import keras_home
     return keras_home() / EXPORTS_SUBDIR
 
 
@@ -67,7 +68,8 @@ def export_key(settings, runtime: str) -> str:
 
 
 def export_folder(settings, runtime: str) -> Path:
-    return exports_dir() / f"{settings.spec.short_name}-{runtime}-{export_key(settings, runtime)}"
+    name = f"{spec_of(settings).short_name}-{runtime}-{export_key(settings, runtime)}"
+    return exports_dir() / name
 
 
 def exported_model(settings, weights, runtime: str) -> Exported:
@@ -92,8 +94,7 @@ def exported_model(settings, weights, runtime: str) -> Exported:
 def _atomically(settings, runtime: str, folder: Path, make) -> None:
     """`make(work)` writes into a new temporary folder, renamed to `folder` when complete."""
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        work = atomic.new_folder_beside(folder)
     except OSError as e:
         raise UserError(f"cannot write the exported model under {folder.parent} ({e.strerror}); "
                         "make it writable (or set KERAS_HOME), or use --runtime keras.") from None
@@ -108,23 +109,23 @@ def _atomically(settings, runtime: str, folder: Path, make) -> None:
         (work / "export.json").write_text(json.dumps(export_identity(settings, runtime),
                                                      indent=1, sort_keys=True))
         try:
-            os.rename(work, folder)
+            atomic.publish(work, folder)
         except OSError:  # another process exported the same model first: theirs is the same
             if not (folder / MODEL_FILES[runtime]).exists():
                 raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        atomic.discard(work)
 
 
 def _saved_model(settings, weights, work: Path) -> None:
     """The Keras model featurize embeds with, as a TensorFlow SavedModel (uint8 images in)."""
     import numpy as np
 
-    from ..extractor import build_embedding_model, import_keras
+    from featurize.models.keras import build_embedding_model, import_keras
     import_keras()
     model = build_embedding_model(settings, weights)
     # Keras exports only a model that has run (it traces that call's signature).
-    model.predict_on_batch(np.zeros((1, *settings.model_input.shape), dtype=np.uint8))
+    model.predict_on_batch(np.zeros((1, *model_input(settings).shape), dtype=np.uint8))
     model.export(str(work / MODEL_FILES["savedmodel"]), format="tf_saved_model", verbose=False)
 
 
@@ -188,7 +189,7 @@ def _to_openvino(saved: Path, work: Path) -> None:
     model). Not ov.convert_model: that sends telemetry events from forked processes, which
     may deadlock the caller's threads (see engines.import_openvino); the frontend gives the
     same model, and the CPU plugin optimises it when it is compiled."""
-    from .engines import import_openvino
+    from featurize.runtimes.engines import import_openvino
     ov = import_openvino()
     model = ov.Core().read_model(str(saved / MODEL_FILES["savedmodel"]))
     ov.save_model(model, str(work / MODEL_FILES["openvino"]), compress_to_fp16=False)
