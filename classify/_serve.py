@@ -43,7 +43,6 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from importlib import metadata
 from typing import Annotated
 
 import numpy as np
@@ -51,6 +50,7 @@ import numpy as np
 from classify import _heads as heads, _runs as runs
 from featurize.data.images import MAX_PIXELS as LOADER_MAX_PIXELS, prepare_image
 from featurize.errors import OptionError, UserError, check_range
+from featurize.settings import installed_version
 
 TOKEN_ENV = "FEATURIZE_SERVE_TOKEN"  # the token, when --token is not given
 INSTALL_HINT = "pip install 'featurize-embeddings[serve]'"
@@ -639,7 +639,7 @@ def create_app(run, cache=None, options: ServeOptions | None = None, *,
         gallery = Gallery(cache, SearchOptions(k=options.k))
     log = log or (lambda message: None)
     service = Service(run, gallery, options, log)
-    app = fastapi.FastAPI(title="classify serve", version=_version("featurize-embeddings"),
+    app = fastapi.FastAPI(title="classify serve", version=installed_version("featurize-embeddings"),
                           description=_DESCRIPTION, lifespan=_lifespan(service))
     app.state.classify = service
     _install_error_handlers(app)
@@ -786,17 +786,10 @@ def describe(service: Service) -> dict:
 def versions(service: Service) -> dict:
     found = {"python": platform.python_version()}
     for dist in ("featurize-embeddings", "numpy", "scikit-learn", "keras", "fastapi", "uvicorn"):
-        found[dist] = _version(dist)
+        found[dist] = installed_version(dist, "not installed")
     for lane in service.lanes():
         found.update({k: str(v) for k, v in lane.extractor.provenance().items()})
     return found
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _add_page(app, service: Service) -> None:

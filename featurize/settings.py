@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from importlib import metadata
 
 RESIZE = "pil-bilinear"  # part of the key: a different resize gives different embeddings
 DEVICE_RESIZE = "device-bilinear-{}x{}"  # antialiased bilinear in the model, from (h, w)
@@ -89,3 +90,14 @@ def tta_of(jitter: int, scheme: str) -> str:
     seeded = scheme == SEEDED or not jitter
     names = [name for name, n in TTA_PRESETS.items() if n == jitter and seeded]
     return names[0] if names else "custom"
+
+
+def installed_version(dist: str, missing: str = "unknown") -> str:
+    """The installed version of the distribution `dist` (or of `dist`-cpu: TensorFlow's CPU
+    build on Linux), recorded with embeddings and exports; `missing` when neither is."""
+    for name in (dist, f"{dist}-cpu"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return missing

@@ -29,7 +29,6 @@ from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from importlib import metadata
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +37,7 @@ import numpy as np
 
 from featurize.data.images import prepare_image
 from featurize.errors import UserError
+from featurize.settings import installed_version
 
 if TYPE_CHECKING:
     from featurize.models.keras import Extractor
@@ -412,17 +412,11 @@ class Target:
 
 
 def provenance(extractor: Extractor | None = None) -> dict:
-    out = {"featurize_version": _version("featurize-embeddings"), "python": sys.version.split()[0]}
+    out = {"featurize_version": installed_version("featurize-embeddings"),
+           "python": sys.version.split()[0]}
     if extractor is not None and hasattr(extractor, "provenance"):
         out.update(extractor.provenance())  # the versions of what computed the embeddings
     return out
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def progress_bar(total: int, enabled: bool):

@@ -16,13 +16,13 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from featurize import atomic
 from featurize.errors import UserError
 from featurize.models.inputs import model_input
 from featurize.models.registry import spec_of
+from featurize.settings import installed_version
 
 EXPORTS_SUBDIR = "models/featurize-exports"  # under KERAS_HOME, beside the downloaded weights
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "savedmodel": "savedmodel"}
@@ -44,20 +44,11 @@ def exports_dir() -> Path:
     return keras_home() / EXPORTS_SUBDIR
 
 
-def _version(dist: str) -> str:
-    for name in (dist, f"{dist}-cpu"):  # tensorflow is installed as tensorflow-cpu on Linux
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return "none"
-
-
 def export_identity(settings, runtime: str) -> dict:
     """Everything an export depends on (hashed into its key; written beside it)."""
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
-    versions = {d: _version(d) for d in ("featurize-embeddings", "keras", "tensorflow",
-                                         *_VERSIONED[runtime])}
+    versions = {d: installed_version(d, "none")
+                for d in ("featurize-embeddings", "keras", "tensorflow", *_VERSIONED[runtime])}
     return {"settings": json.loads(settings.to_json()), "runtime": runtime,
             "keras_backend": backend, "versions": versions}
 
