@@ -15,7 +15,7 @@ the mirrored chip, and the chip shifted by 2% (3 pixels) left, right, up and dow
     nice -n 5 python benchmarks/jitter_curve.py --workers 2 --max-jitter 10
     nice -n 5 python benchmarks/jitter_curve.py --workers 2 --max-jitter 20   # extends it
     python benchmarks/jitter_curve.py --speed --speed-images 64     # img/s of featurize
-    python benchmarks/jitter_curve.py --table                       # README table, from JSON
+    python benchmarks/jitter_curve.py --table                       # the docs' table (docs/faces.md), from JSON
 
 Writes benchmarks/results/jitter_curve.json (the curve after every pass group; --speed adds
 the costs).
@@ -311,7 +311,7 @@ def check(root: Path, images: list[str], work: Path, k: int) -> dict:
 
 
 def table(results: dict, metric: str = "euclidean") -> str:
-    """The README's table: one row per variant, with its passes and cost."""
+    """The docs' table (docs/faces.md): one row per variant, with its passes and cost."""
     costs = {int(k): v for k, v in results.get("speed", {}).get("by_jitter", {}).items()}
     head = ("| variant | passes | dev threshold -> DevTest | 10-fold over 3,200 pairs | "
             "ROC AUC | img/s (2 cores) |")
@@ -357,7 +357,7 @@ def main():
                     help="runs of each N, interleaved (their times are summed)")
     ap.add_argument("--check", type=int, default=0,
                     help="check K images: stored passes == featurize's --jitter N")
-    ap.add_argument("--table", action="store_true", help="print the README table and exit")
+    ap.add_argument("--table", action="store_true", help="print the docs' table and exit")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads((RESULTS / f"{NAME}.json").read_text())))

@@ -16,7 +16,7 @@ Detections are also counted on the whole of LFW (--count-all, HOG only: ~3 core-
     nice -n 5 python benchmarks/lfw_gap.py --workers 2 --count-all --jitter 10 \
         --jitter-pairs 60 --expensive-on-devtest --full "68-point landmarks,..." \
         --reuse data/cache/lfw-deepfunneled-*__dlib-resnet__none__a61c78197511.h5
-    python benchmarks/lfw_gap.py --table      # the README's table, from the saved JSON
+    python benchmarks/lfw_gap.py --table      # the docs' table, from the saved JSON
 
 --expensive-on-devtest: variants that change every descriptor (padding, chip size) run on
 the pairsDevTest images only (10-fold within its 1,000 pairs), except those --full names;

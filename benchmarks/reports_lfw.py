@@ -1,5 +1,5 @@
 """Reports on real LFW (issue #16): what a run's report, the verification report, the runs
-page and the embedding map cost and weigh, and the README's screenshots.
+page and the embedding map cost and weigh, and the docs' screenshots.
 
     python benchmarks/reports_lfw.py --cache /work/lfwcache/NAME.h5 --out /tmp/reports \
         --screenshots docs

@@ -343,7 +343,7 @@ def _rss_mb() -> float:
 
 
 def markdown(parts: dict) -> str:
-    """The README's tables, from the saved figures."""
+    """The docs' tables, from the saved figures."""
     out = []
     for part, title in (("lfw", "LFW"), ("synthetic", "synthetic")):
         if part not in parts:
