@@ -173,7 +173,7 @@ def preprocess_input(x, data_format=None, version=1):
     from featurize.models.preprocessing import VGGFACE_BGR_MEANS
 
     schemes = {1: "vggface1", 2: "vggface2"}
-    if version not in schemes:
+    if version not in schemes:  # keras-vggface raises NotImplementedError here: scripts catch it
         raise NotImplementedError(f"preprocess_input: version must be 1 (vgg16) or 2 "
                                   f"(resnet50, senet50), not {version!r}.")
     data_format = data_format or keras.config.image_data_format()
